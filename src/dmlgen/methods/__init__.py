@@ -1,0 +1,1 @@
+"""dmlgen.methods."""
