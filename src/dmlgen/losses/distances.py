@@ -1,0 +1,162 @@
+"""Distances and similarities used by losses and miners (pytorch-metric-learning's composition).
+
+A distance maps query embeddings ``(N, D)`` and reference embeddings ``(M, D)`` to a matrix ``(N, M)``.
+``is_inverted`` says whether larger values mean *closer* (similarities) or *farther* (distances); losses
+and miners never test the class, they go through :meth:`BaseDistance.margin` and
+:meth:`BaseDistance.smallest_dist`, so a new distance works with every loss.
+
+Numerical convention (methods.md §1.2.1) for the Euclidean case:
+``d_ij = sqrt(max(|f_i|^2 + |f_j|^2 - 2 f_i.f_j, 1e-12))`` with the diagonal of a self-comparison set to
+exactly 0; the clamp gives duplicates a zero gradient instead of NaN.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._checks import build_from_spec, check_bool, check_number
+
+#: Lower clamp of the squared Euclidean distance (methods.md §1.2.1).
+SQ_DIST_EPS = 1e-12
+
+
+def euclidean_distance_matrix(query: Tensor, ref: Tensor | None = None) -> Tensor:
+    """Non-squared Euclidean distances ``(N, M)`` between rows of ``query (N, D)`` and ``ref (M, D)``.
+
+    ``ref=None`` compares ``query`` with itself and sets the diagonal to exactly 0.
+    """
+    same = ref is None
+    ref = query if ref is None else ref
+    q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
+    r2 = (ref * ref).sum(dim=1).unsqueeze(0)  # (1, M)
+    sq = q2 + r2 - 2.0 * (query @ ref.transpose(0, 1))
+    dist = sq.clamp_min(SQ_DIST_EPS).sqrt()
+    if same:
+        # Out of place: sqrt's backward needs its own output unchanged.
+        eye = torch.eye(dist.shape[0], dtype=torch.bool, device=dist.device)
+        dist = dist.masked_fill(eye, 0.0)
+    return dist
+
+
+def euclidean_distance_rows(x: Tensor, y: Tensor) -> Tensor:
+    """Row-wise non-squared Euclidean distance ``(T,)`` between ``x (T, D)`` and ``y (T, D)``."""
+    diff = x - y
+    return (diff * diff).sum(dim=1).clamp_min(SQ_DIST_EPS).sqrt()
+
+
+class BaseDistance(torch.nn.Module):
+    """A pairwise distance or similarity; subclasses implement :meth:`compute_mat` and :meth:`compute_rows`.
+
+    Args:
+        normalize_embeddings: L_p-normalise every row before comparing (PML's default: True).
+        p: order of the norm used for normalisation (and of the distance, for :class:`LpDistance`).
+        power: the matrix is raised to this power after it is computed.
+    """
+
+    #: True when larger values mean closer (a similarity).
+    is_inverted: bool = False
+
+    def __init__(self, normalize_embeddings: bool = True, p: float = 2, power: float = 1) -> None:
+        super().__init__()
+        owner = type(self).__name__
+        self.normalize_embeddings = check_bool(owner, "normalize_embeddings", normalize_embeddings)
+        self.p = check_number(owner, "p", p, positive=True)
+        self.power = check_number(owner, "power", power, positive=True)
+
+    def forward(self, query: Tensor, ref: Tensor | None = None) -> Tensor:
+        """Matrix ``(N, M)`` between ``query (N, D)`` and ``ref (M, D)``; ``ref=None`` means ``query`` itself."""
+        q = self.maybe_normalize(query)
+        r = None if ref is None else self.maybe_normalize(ref)
+        mat = self.compute_mat(q, r)
+        return mat if self.power == 1 else mat.pow(self.power)
+
+    def pairwise(self, x: Tensor, y: Tensor) -> Tensor:
+        """Row-wise values ``(T,)`` between ``x (T, D)`` and ``y (T, D)``, consistent with :meth:`forward`."""
+        vals = self.compute_rows(self.maybe_normalize(x), self.maybe_normalize(y))
+        return vals if self.power == 1 else vals.pow(self.power)
+
+    def compute_mat(self, query: Tensor, ref: Tensor | None) -> Tensor:
+        raise NotImplementedError
+
+    def compute_rows(self, x: Tensor, y: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def maybe_normalize(self, x: Tensor) -> Tensor:
+        return F.normalize(x, p=self.p, dim=1) if self.normalize_embeddings else x
+
+    def margin(self, x: Tensor | float, y: Tensor | float) -> Tensor:
+        """How much farther ``x`` is than ``y``: ``x - y`` for distances, ``y - x`` for similarities."""
+        return y - x if self.is_inverted else x - y  # type: ignore[return-value]
+
+    def smallest_dist(self, x: Tensor, y: Tensor) -> Tensor:
+        """Element-wise the closer of ``x`` and ``y``."""
+        return torch.maximum(x, y) if self.is_inverted else torch.minimum(x, y)
+
+    def extra_repr(self) -> str:
+        return f"normalize_embeddings={self.normalize_embeddings}, p={self.p:g}, power={self.power:g}"
+
+
+class LpDistance(BaseDistance):
+    """L_p distance (default: Euclidean between L2-normalised rows, non-squared). Smaller is closer."""
+
+    is_inverted = False
+
+    def compute_mat(self, query: Tensor, ref: Tensor | None) -> Tensor:
+        if self.p == 2:
+            return euclidean_distance_matrix(query, ref)
+        mat = torch.cdist(query, query if ref is None else ref, p=self.p)
+        if ref is None:
+            eye = torch.eye(mat.shape[0], dtype=torch.bool, device=mat.device)
+            mat = mat.masked_fill(eye, 0.0)
+        return mat
+
+    def compute_rows(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.p == 2:
+            return euclidean_distance_rows(x, y)
+        return torch.linalg.vector_norm(x - y, ord=self.p, dim=1)
+
+
+class DotProductSimilarity(BaseDistance):
+    """Inner product (of L2-normalised rows unless ``normalize_embeddings=False``). Larger is closer."""
+
+    is_inverted = True
+
+    def __init__(self, normalize_embeddings: bool = True, power: float = 1) -> None:
+        super().__init__(normalize_embeddings=normalize_embeddings, p=2, power=power)
+
+    def compute_mat(self, query: Tensor, ref: Tensor | None) -> Tensor:
+        return query @ (query if ref is None else ref).transpose(0, 1)
+
+    def compute_rows(self, x: Tensor, y: Tensor) -> Tensor:
+        return (x * y).sum(dim=1)
+
+
+class CosineSimilarity(DotProductSimilarity):
+    """Cosine similarity: inner product of L2-normalised rows. Larger is closer."""
+
+    def __init__(self, power: float = 1) -> None:
+        super().__init__(normalize_embeddings=True, power=power)
+
+
+DISTANCES: dict[str, type[BaseDistance]] = {
+    "lp": LpDistance,
+    "cosine": CosineSimilarity,
+    "dot_product": DotProductSimilarity,
+}
+
+DistanceSpec = BaseDistance | str | Mapping[str, Any] | None
+
+
+def build_distance(spec: DistanceSpec, *, default: type[BaseDistance] = LpDistance) -> BaseDistance:
+    """A distance from an instance, a registry name (``"lp"``, ``"cosine"``, ``"dot_product"``), a mapping
+    ``{"name": ..., **params}`` (as read from YAML), or ``None`` for ``default()``."""
+    if spec is None:
+        return default()
+    if isinstance(spec, BaseDistance):
+        return spec
+    return build_from_spec("distance", DISTANCES, spec)
