@@ -62,6 +62,19 @@ class RunLogger:
             writer.writerows(rows)
         tmp.replace(self.csv_path)
 
+    def write_epochs(self, rows: list[dict[str, Any]]) -> None:
+        """Rewrite ``epochs.csv`` from the whole history (the checkpoint's), so resumed runs never duplicate
+        or lose a row."""
+        header: list[str] = []
+        for r in rows:
+            header.extend(k for k in r if k not in header)
+        tmp = self.csv_path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header)
+            writer.writeheader()
+            writer.writerows({k: _clean(v) for k, v in r.items()} for r in rows)
+        tmp.replace(self.csv_path)
+
     def close(self) -> None:
         self._jsonl.close()
         if self._writer is not None:

@@ -1,0 +1,224 @@
+"""The run configuration: validated dataclasses loaded from YAML.
+
+A config names things (a dataset kind, a backbone, a loss) from fixed registries; it never
+names Python objects. ``load_config(path, overrides)`` is the one way in.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from dmlgen.data.transforms import TransformConfig
+from dmlgen.engine.config_schema import apply_overrides, from_dict, load_yaml, to_dict
+from dmlgen.errors import ConfigError
+
+
+def _positive(name: str, value: float | int | None, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise ConfigError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {value}")
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from and how the class-disjoint splits are made.
+
+    ``dataset``: ``omniglot`` (embedded), ``image_folder`` (one sub-folder per class), ``csv``
+    (``path,label[,split]``) or ``npz`` (arrays ``images``, ``labels``). Without ``test_path`` (and
+    without a ``split`` column) the classes are split by order: the first ``train_class_fraction``
+    train, the rest test. Validation classes are always taken from the training classes.
+    """
+
+    dataset: Literal["omniglot", "image_folder", "csv", "npz"] = "omniglot"
+    path: str | None = None
+    test_path: str | None = None
+    train_class_fraction: float = 0.5
+    image_size: int = 28
+    channels: int = 1
+    # Omniglot: number of background alphabets held out for validation, or their names.
+    val_alphabets: int | list[str] = 5
+    # Other datasets: fraction of the training classes held out for validation (0 disables).
+    val_class_fraction: float = 0.2
+    split_seed: int = 0
+    # Keep only the first N classes (sorted) of each split: quick runs, smoke tests, CPU budgets.
+    max_classes: int | None = None
+    # Image files that are missing, unreadable or truncated: stop with an error naming them ("raise"), or
+    # drop them before training and list them in the run's log and report ("skip").
+    on_corrupt_image: Literal["raise", "skip"] = "raise"
+    # A training class with one image has no positive pair: stop with an error naming it, or drop it.
+    single_image_classes: Literal["raise", "drop"] = "raise"
+    classes_per_batch: int = 32
+    samples_per_class: int = 4
+    num_workers: int = 0
+    train_transforms: TransformConfig = field(default_factory=TransformConfig)
+    eval_transforms: TransformConfig = field(default_factory=TransformConfig)
+
+    def validate(self) -> None:
+        if self.dataset != "omniglot" and not self.path:
+            raise ConfigError(f"data.path: required for dataset {self.dataset!r}")
+        if not 0.0 < self.train_class_fraction < 1.0:
+            raise ConfigError(f"data.train_class_fraction: must be in (0, 1), got {self.train_class_fraction}")
+        if not 0.0 <= self.val_class_fraction < 1.0:
+            raise ConfigError(f"data.val_class_fraction: must be in [0, 1), got {self.val_class_fraction}")
+        _positive("data.image_size", self.image_size)
+        _positive("data.max_classes", self.max_classes)
+        if self.dataset == "omniglot":
+            if self.channels != 1:
+                raise ConfigError(f"data.channels: Omniglot images have 1 channel, got {self.channels}")
+            if self.image_size > 105:
+                raise ConfigError(f"data.image_size: Omniglot images are at most 105 pixels, got {self.image_size}")
+        if self.classes_per_batch < 2:
+            raise ConfigError(f"data.classes_per_batch: must be >= 2 (negatives come from other classes), "
+                              f"got {self.classes_per_batch}")
+        _positive("data.samples_per_class", self.samples_per_class)
+        _positive("data.num_workers", self.num_workers, allow_zero=True)
+        if self.channels not in (1, 3):
+            raise ConfigError(f"data.channels: must be 1 or 3, got {self.channels}")
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "convnet4"
+    embedding_size: int = 128
+    head_hidden: list[int] = field(default_factory=list)
+    normalize: bool = True
+    weights: str | None = None
+    imagenet: bool = False
+    freeze_bn: bool = False
+
+    def validate(self) -> None:
+        _positive("model.embedding_size", self.embedding_size)
+
+
+@dataclass
+class MinerConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LossConfig:
+    name: str = "triplet_margin"
+    params: dict[str, Any] = field(default_factory=dict)
+    miner: MinerConfig | None = None
+    # Learning rate of the loss's own parameters (proxies, margin beta); None = the model's.
+    lr: float | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    # Multiplier of the learning rate for the backbone (e.g. 0.1 for a pretrained one).
+    backbone_lr_scale: float = 1.0
+
+    def validate(self) -> None:
+        _positive("optimizer.lr", self.lr)
+        _positive("optimizer.weight_decay", self.weight_decay, allow_zero=True)
+        _positive("optimizer.backbone_lr_scale", self.backbone_lr_scale, allow_zero=True)
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["none", "cosine", "step", "multistep"] = "none"
+    step_size: int = 10
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    warmup_epochs: int = 0
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # Cap on optimisation steps per epoch (None: one pass of the sampler over the training set).
+    max_steps_per_epoch: int | None = None
+    grad_clip_norm: float | None = None
+    amp: bool = True
+    seed: int = 0
+    device: str = "auto"
+    deterministic: bool = False
+    log_every: int = 10
+
+    def validate(self) -> None:
+        _positive("train.epochs", self.epochs)
+        _positive("train.max_steps_per_epoch", self.max_steps_per_epoch)
+        _positive("train.grad_clip_norm", self.grad_clip_norm)
+        _positive("train.log_every", self.log_every)
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    batch_size: int = 512
+    # Model selection metric on the validation split (never on test).
+    select_metric: str = "map@r"
+    # Metrics of the final test evaluation (None = all).
+    test_metrics: list[str] | None = None
+    val_metrics: list[str] = field(default_factory=lambda: ["recall", "precision@1", "r_precision", "map@r"])
+    distance: Literal["euclidean", "cosine"] = "euclidean"
+
+    def validate(self) -> None:
+        if not self.ks or any(k <= 0 for k in self.ks):
+            raise ConfigError(f"eval.ks: must be positive integers, got {self.ks}")
+        _positive("eval.batch_size", self.batch_size)
+        selectable = ["map@r", "r_precision", "precision@1", "nmi", "ami", *(f"recall@{k}" for k in self.ks)]
+        if self.select_metric not in selectable:
+            raise ConfigError(
+                f"eval.select_metric: {self.select_metric!r} is not one of {', '.join(selectable)}"
+            )
+        family = "recall" if self.select_metric.startswith("recall@") else self.select_metric
+        if family not in self.val_metrics:
+            raise ConfigError(
+                f"eval.val_metrics: must include {family!r} to select checkpoints by "
+                f"eval.select_metric={self.select_metric!r}, got {self.val_metrics}"
+            )
+
+
+@dataclass
+class RunConfig:
+    """A whole training run. ``out_dir`` receives checkpoints, logs, metrics and the report."""
+
+    name: str = "run"
+    out_dir: str = "runs/run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+
+def config_from_dict(data: dict[str, Any], overrides: list[str] | None = None) -> RunConfig:
+    """Validate raw data (and ``key=value`` overrides) into a :class:`RunConfig`."""
+    data = apply_overrides(copy.deepcopy(data), list(overrides or []))
+    return from_dict(RunConfig, data)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a YAML run config and apply ``--set key=value`` overrides.
+
+    Errors name the key and where it came from: the file (``path: ...``) or an override (``--set: ...``).
+    """
+    data = load_yaml(path)
+    try:
+        return config_from_dict(data, overrides)
+    except ConfigError as exc:
+        if overrides:
+            try:
+                from_dict(RunConfig, copy.deepcopy(data))
+            except ConfigError:
+                pass  # the file itself is wrong: report it as such
+            else:
+                raise ConfigError(f"--set: {exc}") from None
+        raise ConfigError(f"{path}: {exc}") from None

@@ -1,0 +1,453 @@
+"""Builders that turn config sections into datasets, samplers, models, losses and optimisers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from dmlgen.data.datasets import (
+    ArrayImageDataset,
+    csv_dataset,
+    image_folder_dataset,
+    npz_dataset,
+)
+from dmlgen.data.omniglot import omniglot_splits
+from dmlgen.data.samplers import ClassBalancedBatchSampler
+from dmlgen.data.splits import split_by_class_order, train_val_split
+from dmlgen.data.transforms import TransformConfig, build_transforms
+from dmlgen.engine.config import DataConfig, LossConfig, ModelConfig, OptimizerConfig, SchedulerConfig
+from dmlgen.errors import ConfigError, DataError
+from dmlgen.losses import build_loss, build_miner
+from dmlgen.models import EmbeddingModel, build_model
+
+
+# --------------------------------------------------------------------------- runtime
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; an unavailable device is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: {name!r} is not a device name (cpu, cuda, cuda:1, auto)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: {name!r} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and torch; optionally ask torch for deterministic kernels."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataSplits:
+    """Class-disjoint train / validation / test datasets (validation classes come from training).
+
+    ``skipped`` lists the image files left out under ``data.on_corrupt_image: skip`` as ``(path, reason)``;
+    ``dropped_classes`` the training classes left out under ``data.single_image_classes: drop``.
+    """
+
+    train: Any
+    val: Any | None
+    test: Any
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    dropped_classes: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict[str, int]:
+        out = {}
+        for name in ("train", "val", "test"):
+            ds = getattr(self, name)
+            out[f"{name}_images"] = 0 if ds is None else len(ds)
+            out[f"{name}_classes"] = 0 if ds is None else int(ds.num_classes)
+        out["skipped_images"] = len(self.skipped)
+        out["dropped_classes"] = len(self.dropped_classes)
+        return out
+
+
+def _sized(cfg: TransformConfig, image_size: int) -> TransformConfig:
+    # Image files come in any size; without an explicit transform size they are resized to data.image_size
+    # so that batches stack.
+    return cfg if cfg.image_size is not None else dataclasses.replace(cfg, image_size=image_size)
+
+
+def _first_classes(dataset: Any, n: int | None) -> Any:
+    """The first ``n`` classes (contiguous labels ``0..n-1``, i.e. sorted original ids) of ``dataset``."""
+    if n is None or n >= dataset.num_classes:
+        return dataset
+    return dataset.subset(np.flatnonzero(dataset.labels < n))
+
+
+def _source(cfg: DataConfig) -> str:
+    return "the embedded Omniglot" if cfg.dataset == "omniglot" else f"{cfg.dataset} {cfg.path}"
+
+
+def _check_single_image_classes(train: Any, cfg: DataConfig) -> tuple[Any, list[str]]:
+    """Raise (naming the classes and files) or drop training classes that have one image."""
+    counts = np.bincount(train.labels, minlength=train.num_classes)
+    singles = np.flatnonzero(counts == 1)
+    if len(singles) == 0:
+        return train, []
+    names = [str(train.classes[c]) for c in singles]
+    if cfg.single_image_classes == "drop":
+        keep = ~np.isin(train.labels, singles)
+        if not keep.any():
+            raise DataError(f"{_source(cfg)}: every training class has a single image; nothing to train on")
+        return train.subset(np.flatnonzero(keep)), names
+    paths = getattr(train, "paths", None)
+    examples = []
+    for c in singles[:5]:
+        (i,) = np.flatnonzero(train.labels == c)
+        examples.append(f"{train.classes[c]!s} ({paths[i]})" if paths is not None else f"{train.classes[c]!s}")
+    more = f" and {len(singles) - 5} more" if len(singles) > 5 else ""
+    raise DataError(
+        f"{_source(cfg)}: {len(singles)} training class(es) have a single image, so no positive pair: "
+        f"{', '.join(examples)}{more}; add images, remove the class, or set data.single_image_classes: drop"
+    )
+
+
+def build_splits(cfg: DataConfig) -> DataSplits:
+    """Load the configured dataset and make its class-disjoint train / val / test splits.
+
+    Omniglot: background alphabets minus ``val_alphabets`` train, the held-out alphabets validate, the
+    evaluation set tests. Other datasets: ``test_path``, a CSV ``split`` column, or the class order
+    (``train_class_fraction``) gives train / test; ``val_class_fraction`` of the training classes validate.
+    """
+    if cfg.dataset == "omniglot":
+        train_tf = build_transforms(cfg.train_transforms, train=True)
+        eval_tf = build_transforms(cfg.eval_transforms, train=False)
+        parts = omniglot_splits(image_size=cfg.image_size, val_alphabets=cfg.val_alphabets, seed=cfg.split_seed)
+        val_set = parts["val"]
+        train = _first_classes(ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf), cfg.max_classes)
+        val = None
+        if len(val_set.labels):
+            val = _first_classes(ArrayImageDataset.from_omniglot(val_set, transform=eval_tf), cfg.max_classes)
+        test = _first_classes(ArrayImageDataset.from_omniglot(parts["test"], transform=eval_tf), cfg.max_classes)
+        train, dropped = _check_single_image_classes(train, cfg)
+        return DataSplits(train=train, val=val, test=test, dropped_classes=dropped)
+
+    train_tf = build_transforms(_sized(cfg.train_transforms, cfg.image_size), train=True)
+    eval_tf = build_transforms(_sized(cfg.eval_transforms, cfg.image_size), train=False)
+
+    def load(path: str, split: str | None = None) -> Any:
+        if cfg.dataset == "npz":
+            return npz_dataset(path)
+        kwargs: dict[str, Any] = {"channels": cfg.channels, "on_error": cfg.on_corrupt_image}
+        if cfg.dataset == "image_folder":
+            return image_folder_dataset(path, **kwargs)
+        return csv_dataset(path, split=split, **kwargs)
+
+    assert cfg.path is not None  # DataConfig.validate
+    if cfg.test_path:
+        full_train, test = load(cfg.path), load(cfg.test_path)
+        skipped = list(getattr(full_train, "skipped", [])) + list(getattr(test, "skipped", []))
+    elif cfg.dataset == "csv" and _csv_has_split_column(cfg.path):
+        full_train, test = load(cfg.path, "train"), load(cfg.path, "test")
+        skipped = list(getattr(full_train, "skipped", [])) + list(getattr(test, "skipped", []))
+    else:
+        full = load(cfg.path)
+        skipped = list(getattr(full, "skipped", []))
+        try:
+            train_idx, test_idx = split_by_class_order(full.labels, train_fraction=cfg.train_class_fraction)
+        except DataError as exc:
+            raise DataError(f"{_source(cfg)} has {full.num_classes} class(es): {exc}") from None
+        full_train, test = full.subset(train_idx), full.subset(test_idx)
+    if cfg.val_class_fraction > 0:
+        try:
+            tr_idx, val_idx = train_val_split(full_train.labels, val_fraction=cfg.val_class_fraction,
+                                              seed=cfg.split_seed)
+        except DataError as exc:
+            raise DataError(
+                f"{_source(cfg)}: cannot hold out validation classes ({exc}); set data.val_class_fraction: 0 "
+                "to train without validation"
+            ) from None
+        train, val = full_train.subset(tr_idx, transform=train_tf), full_train.subset(val_idx, transform=eval_tf)
+        val = _first_classes(val, cfg.max_classes)
+    else:
+        train, val = full_train.subset(np.arange(len(full_train)), transform=train_tf), None
+    train = _first_classes(train, cfg.max_classes)
+    test = _first_classes(test.subset(np.arange(len(test)), transform=eval_tf), cfg.max_classes)
+    train, dropped = _check_single_image_classes(train, cfg)
+    _check_channels(train, cfg)
+    return DataSplits(train=train, val=val, test=test, skipped=skipped, dropped_classes=dropped)
+
+
+def _check_channels(dataset: Any, cfg: DataConfig) -> None:
+    """Fail before training when the images' channels disagree with ``data.channels``."""
+    image = dataset[0][0]
+    if image.shape[0] != cfg.channels:
+        raise DataError(
+            f"{_source(cfg)}: images have {image.shape[0]} channel(s) but data.channels is {cfg.channels}"
+        )
+
+
+def _csv_has_split_column(path: str) -> bool:
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            header = handle.readline().strip().split(",")
+    except FileNotFoundError:
+        raise DataError(f"CSV file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"cannot read CSV file {path}: {exc}") from None
+    return "split" in [h.strip().lower() for h in header]
+
+
+def build_sampler(cfg: DataConfig, labels: np.ndarray, seed: int) -> ClassBalancedBatchSampler:
+    """The class-balanced batch sampler of the training split; too few classes name the config keys."""
+    num_classes = len(np.unique(labels))
+    if num_classes < cfg.classes_per_batch:
+        raise DataError(
+            f"the training split has {num_classes} classes, fewer than data.classes_per_batch="
+            f"{cfg.classes_per_batch}; lower data.classes_per_batch or use more classes"
+        )
+    with warnings.catch_warnings():
+        # Single-image classes are handled (error or drop) by build_splits; nothing left to warn about.
+        warnings.simplefilter("ignore")
+        return ClassBalancedBatchSampler(
+            labels, classes_per_batch=cfg.classes_per_batch, samples_per_class=cfg.samples_per_class, seed=seed
+        )
+
+
+def _sample_seed(seed: int, epoch: int, batch: int) -> int:
+    """A 63-bit seed for one batch, a pure function of (seed, epoch, batch index)."""
+    state = np.random.SeedSequence([seed % 2**63, epoch, batch]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+class SeededBatches:
+    """A batch sampler whose items are ``(index, seed)``: each image's augmentation draws from its own seed.
+
+    Augmentations (torchvision v2) draw from the global torch RNG of whichever process loads the image. With
+    per-image seeds that depend only on (seed, epoch, batch, slot), the augmented batches do not depend on
+    the number of workers, on pre-fetching, or on where a resumed run restarts: resume stays exact.
+    """
+
+    def __init__(self, sampler: ClassBalancedBatchSampler, *, seed: int, epoch: int, start_batch: int,
+                 num_batches: int) -> None:
+        self.sampler = sampler
+        self.seed = seed
+        self.epoch = epoch
+        self.start_batch = start_batch
+        self.num_batches = num_batches
+
+    def __len__(self) -> int:
+        return max(self.num_batches - self.start_batch, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        self.sampler.set_epoch(self.epoch, start_batch=self.start_batch)
+        for number, batch in enumerate(self.sampler, start=self.start_batch):
+            if number >= self.num_batches:
+                return
+            base = _sample_seed(self.seed, self.epoch, number)
+            yield [(index, (base + slot) % 2**63) for slot, index in enumerate(batch)]
+
+
+class SeededDataset(Dataset):
+    """Reads ``(index, seed)`` items: ``dataset[index]`` with the global torch RNG seeded, then restored."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        # fork_rng restores the caller's RNG state, so loading never shifts the training step's randomness.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+
+def build_loader(dataset: Dataset, batch_sampler: Any, num_workers: int, seed: int) -> DataLoader:
+    """A loader whose worker seeds are fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+        persistent_workers=False,
+    )
+
+
+@torch.no_grad()
+def embed_dataset(
+    model: nn.Module,
+    dataset: Dataset,
+    *,
+    batch_size: int,
+    device: torch.device,
+    num_workers: int = 0,
+    progress: bool = False,
+    desc: str = "embedding",
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings ``(N, D)`` float32 on the CPU and labels ``(N,)`` int64, in dataset order, in eval mode.
+
+    ``should_stop`` is polled after every batch; when it returns True a KeyboardInterrupt is raised
+    (the trainer's deferred Ctrl-C).
+    """
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    chunks, labels = [], []
+    try:
+        for images, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+            chunks.append(model(images.to(device)).float().cpu())
+            labels.append(y)
+            if should_stop is not None and should_stop():
+                raise KeyboardInterrupt
+    finally:
+        model.train(was_training)
+    return torch.cat(chunks), torch.cat(labels).long()
+
+
+# --------------------------------------------------------------------------- model and loss
+def build_model_from_config(cfg: ModelConfig, in_channels: int, *, pretrained: bool = True) -> EmbeddingModel:
+    """The configured model. ``pretrained=False`` skips ``weights``/``imagenet`` (no file read, no download):
+    for a model whose every weight is about to be replaced by a checkpoint's."""
+    if not pretrained:
+        with warnings.catch_warnings():
+            # freeze_bn without pretrained weights warns about initial statistics; the checkpoint brings its own.
+            warnings.simplefilter("ignore", UserWarning)
+            return build_model(cfg.backbone, cfg.embedding_size, in_channels=in_channels,
+                               head_hidden=tuple(cfg.head_hidden), normalize=cfg.normalize, weights=None,
+                               imagenet=False, freeze_bn=cfg.freeze_bn)
+    return build_model(
+        cfg.backbone,
+        cfg.embedding_size,
+        in_channels=in_channels,
+        head_hidden=tuple(cfg.head_hidden),
+        normalize=cfg.normalize,
+        weights=cfg.weights,
+        imagenet=cfg.imagenet,
+        freeze_bn=cfg.freeze_bn,
+    )
+
+
+class Criterion(nn.Module):
+    """A loss and its optional miner: ``criterion(embeddings (N, D), labels (N,)) -> 0-dim tensor``."""
+
+    def __init__(self, loss: nn.Module, miner: nn.Module | None = None) -> None:
+        super().__init__()
+        self.loss = loss
+        self.miner = miner
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        indices = self.miner(embeddings, labels) if self.miner is not None else None
+        return self.loss(embeddings, labels, indices)
+
+
+def build_criterion(cfg: LossConfig, num_classes: int) -> Criterion:
+    """Loss (and miner) from the registries; ``num_classes`` is for losses with per-class parameters."""
+    del num_classes  # no registered loss has per-class parameters yet (proxies, per-class margins)
+    try:
+        loss = build_loss(cfg.name, **dict(cfg.params))
+    except ConfigError as exc:
+        raise ConfigError(f"loss.name / loss.params: {exc}") from None
+    try:
+        miner = build_miner(cfg.miner.name, **cfg.miner.params) if cfg.miner is not None else None
+    except ConfigError as exc:
+        raise ConfigError(f"loss.miner: {exc}") from None
+    return Criterion(loss, miner)
+
+
+# --------------------------------------------------------------------------- optimisation
+def build_optimizer(
+    cfg: OptimizerConfig, model: EmbeddingModel, criterion: nn.Module, loss_lr: float | None = None
+) -> torch.optim.Optimizer:
+    """Parameter groups: backbone (lr × backbone_lr_scale), head (lr), loss parameters (loss_lr, no decay)."""
+    groups = []
+    backbone = [p for p in model.backbone.parameters() if p.requires_grad]
+    head = [p for p in model.head.parameters() if p.requires_grad]
+    if backbone and cfg.backbone_lr_scale > 0:
+        groups.append({"params": backbone, "lr": cfg.lr * cfg.backbone_lr_scale, "name": "backbone"})
+    elif cfg.backbone_lr_scale == 0:
+        for p in backbone:
+            p.requires_grad_(False)
+    if head:
+        groups.append({"params": head, "lr": cfg.lr, "name": "head"})
+    loss_params = [p for p in criterion.parameters() if p.requires_grad]
+    if loss_params:
+        groups.append({"params": loss_params, "lr": loss_lr or cfg.lr, "weight_decay": 0.0, "name": "loss"})
+    if not groups:
+        raise ConfigError("optimizer: nothing to train (every parameter is frozen)")
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum)
+
+
+class _EpochLambda:
+    """Learning-rate factor per epoch: linear warm-up, then the chosen decay (picklable, no closures)."""
+
+    def __init__(self, cfg: SchedulerConfig, epochs: int, base_lr: float) -> None:
+        self.name = cfg.name
+        self.warmup = cfg.warmup_epochs
+        self.epochs = epochs
+        self.step_size = cfg.step_size
+        self.milestones = sorted(cfg.milestones)
+        self.gamma = cfg.gamma
+        self.min_factor = cfg.min_lr / base_lr if base_lr > 0 else 0.0
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return (epoch + 1) / (self.warmup + 1)
+        if self.name == "cosine":
+            span = max(self.epochs - self.warmup, 1)
+            progress = min((epoch - self.warmup) / span, 1.0)
+            return self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.name == "step":
+            return self.gamma ** (epoch // self.step_size)
+        if self.name == "multistep":
+            return self.gamma ** sum(epoch >= m for m in self.milestones)
+        return 1.0
+
+
+def build_scheduler(cfg: SchedulerConfig, optimizer: torch.optim.Optimizer, epochs: int) -> Any:
+    """An epoch-wise LambdaLR (stepped once per epoch by the trainer).
+
+    Save it with :func:`scheduler_state`: the factor functions come from the config, not the checkpoint.
+    """
+    if cfg.name == "step" and cfg.step_size <= 0:
+        raise ConfigError(f"scheduler.step_size: must be > 0, got {cfg.step_size}")
+    if cfg.name == "multistep" and not cfg.milestones:
+        raise ConfigError("scheduler.milestones: required for the multistep scheduler")
+    base_lr = optimizer.param_groups[0]["lr"]
+    fn = _EpochLambda(cfg, epochs, base_lr)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda=[fn] * len(optimizer.param_groups))
+
+
+def scheduler_state(scheduler: Any) -> dict[str, Any]:
+    """The scheduler's position without its factor functions' settings.
+
+    LambdaLR would store each callable's attributes and restore them on load, which would silently keep
+    the old schedule when a resumed run changes ``train.epochs``; the schedule always follows the config.
+    """
+    state = scheduler.state_dict()
+    state["lr_lambdas"] = [None] * len(state.get("lr_lambdas", []))
+    return state
