@@ -1,0 +1,542 @@
+"""The training loop: class-balanced batches, validation-based selection, one test evaluation.
+
+Resumable and exact: ``last.ckpt`` holds the model, optimizer, scheduler, loss state, sampler position,
+RNG states, epoch, step and the running epoch statistics. It is rewritten atomically after every epoch,
+on Ctrl-C and when a data error stops training mid-epoch. Every random draw of a step is a function of
+``(train.seed, epoch, step)`` (augmentations per image, the model's own randomness per step), so a
+resumed run gives the same weights as an uninterrupted one.
+
+Ctrl-C is deferred to the end of the current step (or of the current evaluation batch), so the saved
+state is never half an optimizer step; a second Ctrl-C stops at once without saving.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
+from dmlgen.engine.config import RunConfig
+from dmlgen.engine.logging import RunLogger
+from dmlgen.engine.setup import (
+    Criterion,
+    DataSplits,
+    SeededBatches,
+    SeededDataset,
+    build_criterion,
+    build_loader,
+    build_model_from_config,
+    build_optimizer,
+    build_sampler,
+    build_scheduler,
+    build_splits,
+    embed_dataset,
+    resolve_device,
+    scheduler_state,
+    seed_everything,
+)
+from dmlgen.errors import CheckpointError, ConfigError, DataError, DmlgenError
+from dmlgen.evaluation.evaluate import evaluate_embeddings
+
+LAST = "last.ckpt"
+BEST = "best.ckpt"
+# Files a run writes into its folder; --overwrite removes exactly these.
+RUN_FILES = (LAST, BEST, "config.yaml", "metrics.jsonl", "epochs.csv", "test_metrics.json", "report.md")
+
+# Config keys a resumed run may change; any other difference from the checkpoint's config is refused,
+# because it would silently make a different experiment out of the same run folder.
+RESUME_MAY_CHANGE = (
+    "name",
+    "out_dir",
+    "train.epochs",
+    "train.device",
+    "train.log_every",
+    "data.num_workers",
+    "eval.batch_size",
+    "eval.test_metrics",
+)
+
+
+class TrainingInterrupted(DmlgenError):
+    """Raised after Ctrl-C once the state is saved; the message says how to resume."""
+
+
+class TrainingDiverged(DmlgenError):
+    """The loss became NaN or infinite; the last checkpoint is left as it was."""
+
+
+class _ForcedStop(KeyboardInterrupt):
+    """A second Ctrl-C: stop at once, without saving a possibly half-updated state."""
+
+
+class _DeferredInterrupt:
+    """While active, the first Ctrl-C only sets :attr:`requested`; the trainer stops at the next safe point."""
+
+    def __init__(self, verbose: bool = True) -> None:
+        self.requested = False
+        self.verbose = verbose
+        self._previous: Any = None
+        self._installed = False
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise _ForcedStop
+        self.requested = True
+        if self.verbose:
+            print("\nCtrl-C: saving after the current step (press Ctrl-C again to stop at once, without saving)",
+                  file=sys.stderr, flush=True)
+
+    def __enter__(self) -> _DeferredInterrupt:
+        self.requested = False
+        # Signal handlers can only be set from the main thread; elsewhere Ctrl-C is not delivered anyway.
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
+
+    def check(self) -> None:
+        """Raise KeyboardInterrupt at a safe point when Ctrl-C was pressed."""
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+@dataclass
+class TrainState:
+    """Counters and running statistics that a checkpoint carries besides the tensors."""
+
+    epoch: int = 0  # the epoch in progress (0-based)
+    step_in_epoch: int = 0  # optimisation steps already taken in that epoch
+    global_step: int = 0
+    best_score: float = -math.inf
+    best_epoch: int = -1  # 1-based number of the selected epoch; -1 before the first
+    history: list[dict[str, Any]] = field(default_factory=list)
+    # Sums over the steps of the epoch in progress, so an epoch split by a resume reports the same mean loss.
+    epoch_loss_sum: float = 0.0
+    epoch_images: int = 0
+    epoch_seconds: float = 0.0
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """``(key, old value, new value)`` for every leaf that differs between two config dicts."""
+    a, b = _flatten(old), _flatten(new)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _step_seed(seed: int, epoch: int, step: int) -> int:
+    state = np.random.SeedSequence([seed % 2**63, epoch, step, 1]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 31) ^ int(state[1])
+
+
+def _clean_worker_message(exc: BaseException) -> str:
+    """The original message of an error re-raised by a DataLoader worker (which wraps it in a traceback)."""
+    text = str(exc)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        return last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def _check_eval_split(name: str, dataset: Any, ks: list[int]) -> None:
+    """Fail before training when a validation or test split cannot be scored."""
+    counts = np.bincount(dataset.labels)
+    if dataset.num_classes < 2 or counts.max() < 2:
+        raise DataError(
+            f"the {name} split has {len(dataset)} image(s) in {dataset.num_classes} class(es); retrieval needs at "
+            "least 2 classes and a class with 2 images (check data.max_classes, data.val_class_fraction, "
+            "data.val_alphabets)"
+        )
+    if len(dataset) - 1 < max(ks):
+        raise DataError(
+            f"the {name} split has {len(dataset)} images, too few for Recall@{max(ks)} (eval.ks={ks})"
+        )
+
+
+class Trainer:
+    """Trains one :class:`RunConfig`; :meth:`fit` returns the test result of the selected checkpoint.
+
+    Args:
+        cfg: the run configuration; ``cfg.out_dir`` receives checkpoints, logs and metrics.
+        progress: show progress bars and one line per epoch.
+        splits: prepared datasets (default: built from ``cfg.data``).
+        pretrained: load ``model.weights`` / ImageNet weights; a resumed run passes False since the
+            checkpoint replaces every weight.
+        resume_command: the command printed after Ctrl-C to continue the run.
+    """
+
+    def __init__(self, cfg: RunConfig, *, progress: bool = True, splits: DataSplits | None = None,
+                 pretrained: bool = True, resume_command: str | None = None) -> None:
+        self.cfg = cfg
+        self.out_dir = Path(cfg.out_dir)
+        self.progress = progress
+        self.resume_command = resume_command or f"dmlgen train CONFIG --out {self.out_dir} --resume"
+        self.device = resolve_device(cfg.train.device)
+        seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
+        self.splits = splits if splits is not None else build_splits(cfg.data)
+        for name in ("val", "test"):
+            if getattr(self.splits, name) is not None:
+                _check_eval_split(name, getattr(self.splits, name), cfg.eval.ks)
+        self.model = build_model_from_config(cfg.model, in_channels=cfg.data.channels, pretrained=pretrained)
+        self.model.to(self.device)
+        self._probe_model()
+        self.criterion: Criterion = build_criterion(cfg.loss, num_classes=self.splits.train.num_classes)
+        self.criterion.to(self.device)
+        self.sampler = build_sampler(cfg.data, self.splits.train.labels, seed=cfg.train.seed)
+        self.steps_per_epoch = len(self.sampler)
+        if cfg.train.max_steps_per_epoch is not None:
+            self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.criterion, loss_lr=cfg.loss.lr)
+        self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, epochs=cfg.train.epochs)
+        self.use_amp = cfg.train.amp and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.state = TrainState()
+        self._saved_step = 0  # global_step of the last saved last.ckpt
+        self._guard = _DeferredInterrupt(verbose=progress)
+
+    def _probe_model(self) -> None:
+        """One forward pass on a test image, so that a size or channel mismatch fails now, named."""
+        image = self.splits.test[0][0].unsqueeze(0).to(self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                self.model(image)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"model.backbone {self.cfg.model.backbone!r} cannot take images of shape {tuple(image.shape[1:])} "
+                f"(data.image_size={self.cfg.data.image_size}, data.channels={self.cfg.data.channels}): "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        finally:
+            self.model.train(was_training)
+
+    # ----------------------------------------------------------------- checkpoints
+    def _checkpoint(self, *, full: bool) -> dict[str, Any]:
+        s = self.state
+        ckpt: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "config": self.cfg.to_dict(),
+            "model_description": self.model.describe(),
+            "model": self.model.state_dict(),
+            "criterion": self.criterion.state_dict(),
+            "epoch": s.epoch,
+            "step_in_epoch": s.step_in_epoch,
+            "global_step": s.global_step,
+            "best_score": s.best_score,
+            "best_epoch": s.best_epoch,
+            "history": s.history,
+            "class_names": [str(c) for c in self.splits.train.classes],
+        }
+        if full:
+            ckpt.update(
+                optimizer=self.optimizer.state_dict(),
+                scheduler=scheduler_state(self.scheduler),
+                scaler=self.scaler.state_dict(),
+                sampler=self.sampler.state_dict(),
+                rng=rng_state(),
+                epoch_loss_sum=s.epoch_loss_sum,
+                epoch_images=s.epoch_images,
+                epoch_seconds=s.epoch_seconds,
+            )
+        return ckpt
+
+    def _save(self, obj: dict[str, Any], name: str) -> Path:
+        path = self.out_dir / name
+        try:
+            atomic_save(obj, path)
+        except OSError as exc:
+            raise CheckpointError(
+                f"cannot write checkpoint {path}: {exc.strerror or exc}; the previous {name} (if any) is intact"
+            ) from None
+        return path
+
+    def save_last(self) -> Path:
+        """Write ``last.ckpt`` (everything needed to resume) atomically."""
+        path = self._save(self._checkpoint(full=True), LAST)
+        self._saved_step = self.state.global_step
+        return path
+
+    def resume(self, path: str | Path | None = None) -> None:
+        """Restore everything from ``last.ckpt`` (or ``path``) so the run continues exactly."""
+        path = Path(path) if path is not None else self.out_dir / LAST
+        if not path.exists():
+            raise CheckpointError(f"nothing to resume: {path} does not exist; start the run without --resume")
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if "optimizer" not in ckpt:
+            raise CheckpointError(f"checkpoint {path} holds weights only; resume needs {LAST}")
+        mine = self.model.describe()
+        if ckpt.get("model_description") != mine:
+            theirs = ckpt.get("model_description") or {}
+            diff = [f"{k} {theirs.get(k)!r} != {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
+                    if theirs.get(k) != mine.get(k)]
+            raise CheckpointError(f"checkpoint {path} is from another model ({'; '.join(diff[:4])})")
+        diffs = [d for d in config_differences(ckpt["config"], self.cfg.to_dict()) if d[0] not in RESUME_MAY_CHANGE]
+        if diffs:
+            shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:5])
+            raise CheckpointError(
+                f"checkpoint {path} was made with a different config ({shown}); resume with the same config "
+                f"and --set overrides (only {', '.join(RESUME_MAY_CHANGE)} may change)"
+            )
+        try:
+            self.model.load_state_dict(ckpt["model"])
+            self.criterion.load_state_dict(ckpt["criterion"])
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+            self.sampler.load_state_dict(ckpt["sampler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint {path} does not match this run: {exc}".split("\n")[0]) from None
+        if self.use_amp and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        self.state = TrainState(
+            epoch=int(ckpt["epoch"]),
+            step_in_epoch=int(ckpt["step_in_epoch"]),
+            global_step=int(ckpt["global_step"]),
+            best_score=float(ckpt["best_score"]),
+            best_epoch=int(ckpt["best_epoch"]),
+            history=list(ckpt["history"]),
+            epoch_loss_sum=float(ckpt.get("epoch_loss_sum", 0.0)),
+            epoch_images=int(ckpt.get("epoch_images", 0)),
+            epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
+        )
+        if self.state.step_in_epoch > self.steps_per_epoch:
+            raise CheckpointError(
+                f"checkpoint {path} stopped at step {self.state.step_in_epoch} of epoch {self.state.epoch + 1}, "
+                f"beyond the {self.steps_per_epoch} steps per epoch of this config"
+            )
+        self._saved_step = self.state.global_step
+
+    # ----------------------------------------------------------------- evaluation
+    def _evaluate(self, model: torch.nn.Module, split: str, metrics: list[str] | None) -> dict[str, float]:
+        dataset = getattr(self.splits, split)
+        emb, labels = embed_dataset(
+            model, dataset, batch_size=self.cfg.eval.batch_size, device=self.device,
+            num_workers=self.cfg.data.num_workers, progress=self.progress, desc=f"embedding {split}",
+            should_stop=lambda: self._guard.requested,
+        )
+        return evaluate_embeddings(
+            emb, labels, metrics=metrics, ks=tuple(self.cfg.eval.ks), metric=self.cfg.eval.distance,
+            seed=self.cfg.train.seed,
+        )
+
+    # ----------------------------------------------------------------- training
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        """One optimisation step on a batch ``images (B, C, H, W)``, ``labels (B,)``; returns the loss."""
+        cfg = self.cfg
+        images = images.to(self.device, non_blocking=True)
+        labels = labels.to(self.device, non_blocking=True)
+        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            embeddings = self.model(images)
+        # Loss maths in fp32 even under AMP (methods.md §1.2).
+        loss = self.criterion(embeddings.float(), labels)
+        if not torch.isfinite(loss):
+            raise TrainingDiverged(
+                f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch + 1}: "
+                f"lower optimizer.lr or check the data; {self.out_dir / LAST} is left as it was"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if cfg.train.grad_clip_norm is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self._trainable_params(), cfg.train.grad_clip_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return float(loss.detach())
+
+    def _train_epoch(self, logger: RunLogger) -> None:
+        """Train the remaining steps of the epoch in progress (all of them, or those after a resume point)."""
+        cfg, state = self.cfg, self.state
+        epoch = state.epoch
+        if state.step_in_epoch >= self.steps_per_epoch:
+            return  # trained before an interruption during validation
+        self.model.train()
+        self.criterion.train()
+        batches = SeededBatches(self.sampler, seed=cfg.train.seed, epoch=epoch, start_batch=state.step_in_epoch,
+                                num_batches=self.steps_per_epoch)
+        loader = build_loader(SeededDataset(self.splits.train), batches, cfg.data.num_workers,
+                              seed=cfg.train.seed + epoch)
+        bar = tqdm(total=self.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/"
+                   f"{cfg.train.epochs}", disable=not self.progress, leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        try:
+            iterator = iter(loader)
+            while True:
+                try:
+                    images, labels, _ = next(iterator)
+                except StopIteration:
+                    break
+                except DataError as exc:
+                    self._stop_on_data_error(exc, logger)
+                # The step's own randomness (dropout, random miners) depends on (seed, epoch, step) only.
+                torch.manual_seed(_step_seed(cfg.train.seed, epoch, state.step_in_epoch))
+                value = self._train_step(images, labels)
+                state.epoch_loss_sum += value
+                state.epoch_images += int(images.shape[0])
+                state.step_in_epoch += 1
+                state.global_step += 1
+                if state.global_step % cfg.train.log_every == 0:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    logger.event("step", epoch=epoch + 1, step=state.global_step, loss=value, lr=lr)
+                    logger.scalars("train", {"loss": value, "lr": lr}, state.global_step)
+                bar.set_postfix(loss=f"{value:.4f}")
+                bar.update(1)
+                self._guard.check()
+        finally:
+            state.epoch_seconds += time.perf_counter() - start
+            bar.close()
+
+    def _stop_on_data_error(self, exc: DataError, logger: RunLogger) -> None:
+        """A bad image mid-epoch: keep the progress made so far, then stop with the file's name."""
+        message = _clean_worker_message(exc)
+        saved = ""
+        if self.state.global_step > self._saved_step:
+            path = self.save_last()
+            saved = (f"; training state (epoch {self.state.epoch + 1}, step {self.state.step_in_epoch}) saved to "
+                     f"{path}, continue with: {self.resume_command}")
+        logger.event("data_error", message=message, epoch=self.state.epoch + 1, step=self.state.step_in_epoch)
+        raise DataError(f"{message}{saved}") from None
+
+    def _trainable_params(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _end_epoch(self, logger: RunLogger) -> None:
+        """Validate, record the epoch, keep the best checkpoint, step the schedule, save ``last.ckpt``."""
+        cfg, state = self.cfg, self.state
+        val = self._evaluate(self.model, "val", cfg.eval.val_metrics) if self.splits.val is not None else {}
+        steps = state.step_in_epoch
+        row: dict[str, Any] = {
+            "epoch": state.epoch + 1,
+            "train_loss": state.epoch_loss_sum / max(steps, 1),
+            "train_steps": steps,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "train_seconds": state.epoch_seconds,
+            "images_per_second": state.epoch_images / state.epoch_seconds if state.epoch_seconds > 0 else 0.0,
+            **{f"val_{k}": v for k, v in val.items()},
+        }
+        # Without a validation split the latest epoch is reported: test data never selects a checkpoint.
+        score = val[cfg.eval.select_metric] if val else None
+        improved = score is None or score > state.best_score
+        state.history.append(row)
+        if improved:
+            state.best_score = score if score is not None else -math.inf
+            state.best_epoch = state.epoch + 1
+        self.scheduler.step()
+        state.epoch += 1
+        state.step_in_epoch = 0
+        state.epoch_loss_sum, state.epoch_images, state.epoch_seconds = 0.0, 0, 0.0
+        if improved:
+            self._save(self._checkpoint(full=False), BEST)
+        self.save_last()
+        logger.write_epochs(state.history)
+        logger.event("epoch", **row, selected=improved)
+        logger.scalars("val", val, state.epoch)
+        if self.progress:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in val.items() if not k.startswith("num_"))
+            tqdm.write(f"epoch {state.epoch}/{cfg.train.epochs}: loss {row['train_loss']:.4f}"
+                       f"{', val ' + shown if shown else ''}{' *' if improved and score is not None else ''}")
+
+    def fit(self, *, resume: bool = False, resume_path: str | Path | None = None,
+            overwrite: bool = False) -> dict[str, Any]:
+        """Train, validate every epoch, keep the best checkpoint by validation, test it once.
+
+        Returns the content of ``test_metrics.json``. Raises :class:`TrainingInterrupted` after Ctrl-C
+        (state saved), ConfigError when ``out_dir`` already holds a run and neither ``resume`` nor
+        ``overwrite`` is set.
+        """
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self.resume(resume_path)
+        elif (self.out_dir / LAST).exists():
+            if not overwrite:
+                raise ConfigError(
+                    f"{self.out_dir} already holds a run ({LAST}); continue it with --resume, or start over "
+                    "with --overwrite, or choose another folder with --out"
+                )
+            for name in RUN_FILES:
+                (self.out_dir / name).unlink(missing_ok=True)
+            shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        logger = RunLogger(self.out_dir)
+        try:
+            logger.event("start", resumed=resume, epoch=self.state.epoch + 1, step_in_epoch=self.state.step_in_epoch,
+                         steps_per_epoch=self.steps_per_epoch, device=str(self.device), seed=cfg.train.seed,
+                         **self.splits.summary())
+            if self.splits.skipped:
+                logger.event("skipped_images", files=[{"path": p, "reason": r} for p, r in self.splits.skipped])
+            if self.splits.dropped_classes:
+                logger.event("dropped_classes", classes=self.splits.dropped_classes)
+            with self._guard:
+                try:
+                    while self.state.epoch < cfg.train.epochs:
+                        self._train_epoch(logger)
+                        self._end_epoch(logger)
+                    return self._final_test(logger)
+                except _ForcedStop:
+                    logger.event("aborted", epoch=self.state.epoch + 1, step_in_epoch=self.state.step_in_epoch)
+                    raise TrainingInterrupted(
+                        f"stopped at once without saving; {self.out_dir / LAST} holds the state of the last save "
+                        f"(global step {self._saved_step}); continue with: {self.resume_command}"
+                    ) from None
+                except KeyboardInterrupt:
+                    path = self.save_last()
+                    logger.event("interrupted", epoch=self.state.epoch + 1, step_in_epoch=self.state.step_in_epoch)
+                    raise TrainingInterrupted(
+                        f"interrupted at epoch {self.state.epoch + 1}/{cfg.train.epochs}, step "
+                        f"{self.state.step_in_epoch}/{self.steps_per_epoch}; state saved to {path}; "
+                        f"continue with: {self.resume_command}"
+                    ) from None
+        finally:
+            logger.close()
+
+    def _final_test(self, logger: RunLogger) -> dict[str, Any]:
+        """Evaluate the selected checkpoint once on the test split; write ``test_metrics.json``."""
+        best = load_checkpoint(self.out_dir / BEST, map_location=self.device)
+        # A copy: the live model keeps the last epoch's weights, which a save after Ctrl-C must store.
+        model = copy.deepcopy(self.model)
+        model.load_state_dict(best["model"])
+        test = self._evaluate(model, "test", self.cfg.eval.test_metrics)
+        has_val = self.splits.val is not None
+        result = {
+            "selected_epoch": best["best_epoch"],
+            "selection": f"best validation {self.cfg.eval.select_metric}" if has_val else "last epoch (no validation)",
+            "selection_metric": self.cfg.eval.select_metric if has_val else None,
+            "val_score": best["best_score"] if has_val else None,
+            "test": test,
+            "splits": self.splits.summary(),
+            "skipped_images": [{"path": p, "reason": r} for p, r in self.splits.skipped],
+            "dropped_classes": list(self.splits.dropped_classes),
+        }
+        (self.out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+        logger.event("test", epoch=best["best_epoch"], **test)
+        return result
