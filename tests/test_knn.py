@@ -230,7 +230,8 @@ def _record_candidates(monkeypatch):
     orig = knn_mod._top_k_stable
 
     def wrapped(values, columns, k):
-        widths.append((values.shape[1], columns is None))
+        # the dense path hands over whole rows: every reference is a candidate
+        widths.append((values.shape[1], bool((columns == torch.arange(values.shape[1])).all())))
         return orig(values, columns, k)
 
     monkeypatch.setattr(knn_mod, "_top_k_stable", wrapped)
@@ -252,7 +253,7 @@ def naive_rows(queries: torch.Tensor, refs: torch.Tensor, rows, k: int, loo: boo
 def test_group_size_one_path(monkeypatch):
     widths = _record_candidates(monkeypatch)
     x = int_data(40, 3, seed=8)
-    assert knn_mod._group_size(40, 5) == 1
+    assert knn_mod._plan(40, 5, 40)[2] is False  # 40 references: pruning would keep them all
     res = knn(x, None, 5, metric="squared_euclidean")
     assert widths and all(no_cols for _, no_cols in widths)  # the dense path, no gathered columns
     assert_matches_oracle(res, x, None, 5, "squared_euclidean")
@@ -264,7 +265,7 @@ def test_grouped_path_with_ties_gallery(monkeypatch):
     g = torch.Generator().manual_seed(9)
     refs = torch.randint(-2, 3, (3000, 3), generator=g).float()
     queries = torch.randint(-2, 3, (25, 3), generator=g).float()
-    assert knn_mod._group_size(3000, 5) > 1
+    assert knn_mod._plan(3000, 5, 7)[2]
     res = knn(queries, refs, 5, metric="squared_euclidean", block_size=7)
     assert widths and not any(no_cols for _, no_cols in widths)
     np.testing.assert_array_equal(res.indices.numpy(), naive_rows(queries, refs, range(25), 5, loo=False))
@@ -277,7 +278,7 @@ def test_large_candidate_width_path(monkeypatch):
     refs = torch.randint(0, 3, (5000, 3), generator=g).float()
     queries = refs[:20].clone()
     res = knn(queries, refs, 10, metric="euclidean")
-    assert knn_mod._group_size(5000, 10) > 1
+    assert knn_mod._plan(5000, 10, 20)[2]
     assert max(w for w, _ in widths) > 2048
     np.testing.assert_array_equal(res.indices.numpy(), naive_rows(queries, refs, range(20), 10, loo=False))
     assert bool((res.distances[:, 0] == 0).all())
@@ -298,7 +299,7 @@ def test_leave_one_out_across_tiles_and_blocks():
     """N = 5000 leave-one-out at the real tile size: two score tiles, the last one padded."""
     g = torch.Generator().manual_seed(12)
     x = torch.randint(-2, 3, (5000, 3), generator=g).float()
-    assert knn_mod._group_size(5000, 6) > 1
+    assert knn_mod._plan(5000, 6, 333)[2]
     res = knn(x, None, 6, metric="squared_euclidean", block_size=333)
     rows = list(range(0, 40)) + list(range(4080, 4110)) + list(range(4980, 5000))
     np.testing.assert_array_equal(res.indices[rows].numpy(), naive_rows(x, x, rows, 6, loo=True))
@@ -308,12 +309,13 @@ def test_leave_one_out_across_tiles_and_blocks():
 @pytest.mark.parametrize("k, n", [(3, 2010), (1, 997), (150, 151), (40, 303)])
 def test_many_small_tiles_leave_one_out_and_gallery(monkeypatch, k, n):
     """Tiles shrunk to a few groups: tile edges, padding, and the diagonal falling in every tile."""
-    monkeypatch.setattr(knn_mod, "_TILE_BYTES", 4 * 256 * 5)  # 5 groups per tile
     g = torch.Generator().manual_seed(n)
     x = torch.randint(-2, 3, (n, 2), generator=g).float()
-    group = knn_mod._group_size(n, k)
-    tile = 5 * group
-    assert -(-n // tile) >= 3 and n % tile != 0  # several tiles, the last one padded
+    # the smallest pruned plan: groups of 2, tiles of 2 k groups (keep k of them)
+    monkeypatch.setattr(knn_mod, "_plan", lambda num_refs, kk, rows: (4 * kk, 2, True))
+    tile = 4 * k
+    if n > 2 * tile:
+        assert -(-n // tile) >= 3 and n % tile != 0  # several tiles, the last one padded
     for bs in (1, 7, n) if n < 500 else (13, n):
         res = knn(x, None, k, metric="squared_euclidean", block_size=bs)
         np.testing.assert_array_equal(res.indices.numpy(), naive_rows(x, x, range(n), k, loo=True))
@@ -437,3 +439,21 @@ def test_numpy_and_integer_inputs_accepted():
     res = knn(x, None, 1)
     assert res.indices[:, 0].tolist() == [1, 0, 1]
     assert res.distances.dtype == torch.float32
+
+
+@pytest.mark.parametrize("use_default_plan", [False, True])
+def test_top_k_spread_over_k_groups_of_one_tile(monkeypatch, use_default_plan):
+    """The k nearest references each sit in their own group of the same tile, so a tile must keep
+    k groups (k - 1 would lose one)."""
+    k = 6
+    if not use_default_plan:
+        monkeypatch.setattr(knn_mod, "_plan", lambda num_refs, kk, rows: (4 * kk, 2, True))
+    g = torch.Generator().manual_seed(21)
+    refs = torch.randint(50, 60, (3000, 2), generator=g).float()
+    tile, group, pruned = knn_mod._plan(3000, k, 1)
+    assert pruned and k * group <= tile
+    near = torch.arange(k) * group  # one reference in each of the first k groups
+    refs[near] = torch.tensor([[float(i), 0.0] for i in range(k)])
+    query = torch.zeros(1, 2)
+    res = knn(query, refs, k, metric="squared_euclidean", block_size=1)
+    assert res.indices[0].tolist() == near.tolist()

@@ -31,9 +31,8 @@ Metric = Literal["euclidean", "squared_euclidean", "cosine", "inner_product"]
 METRICS: tuple[str, ...] = ("euclidean", "squared_euclidean", "cosine", "inner_product")
 Backend = Literal["torch", "faiss"]
 
-#: queries per block; with 60,000 references one block's scores take 8 * 60,000 * 4 bytes = 1.9 MB per row
-DEFAULT_BLOCK_BYTES = 64 * 2**20
-_TILE_BYTES = 4 * 2**20  # one tile of scores: small enough to be reduced while in the last-level cache
+DEFAULT_BLOCK_ROWS = 256  #: queries per block
+_TILE_BYTES = 4 * 2**20  # one tile of scores (block rows x tile columns): reduced while still in cache
 
 
 @dataclass(frozen=True)
@@ -95,9 +94,19 @@ def _scores_to_distances(scores: torch.Tensor, queries: torch.Tensor, metric: st
     return sq.sqrt_() if metric == "euclidean" else sq
 
 
-def _group_size(num_refs: int, k: int) -> int:
-    """References per group: at least 32 k groups keep the bound tight and the gathered part small."""
-    return int(min(max(1, num_refs // (32 * k)), 256))
+def _plan(num_refs: int, k: int, rows: int) -> tuple[int, int, bool]:
+    """``(tile, group, pruned)``: score columns per tile, references per group, and whether groups prune.
+
+    A tile of ``rows x tile`` scores fits in about 4 MB, so it is reduced while in cache. Each tile
+    keeps about k groups, so small groups keep the candidates few; when k groups would cover most of a
+    tile, pruning is off and whole rows go to one exact top-k (group 1).
+    """
+    tile = max(1, _TILE_BYTES // (4 * rows))
+    group = int(max(1, min(16, tile // (16 * k))))
+    tile = max(group, min(tile // group, math.ceil(num_refs / group)) * group)
+    if 2 * k * group > tile or group == 1:
+        return num_refs, 1, False
+    return tile, group, True
 
 
 def iter_knn_blocks(
@@ -116,7 +125,7 @@ def iter_knn_blocks(
             itself is excluded by index, so duplicates of it still count as neighbours).
         k: neighbours per query, 1 <= k <= M (M - 1 in leave-one-out).
         metric: see the module docstring.
-        block_size: queries per block (None: sized to about 64 MB of scores).
+        block_size: queries per block (None: 256, fewer when k is large).
 
     Yields:
         start: index of the block's first query; indices (B, k) int64; scores (B, k) float32,
@@ -129,85 +138,83 @@ def iter_knn_blocks(
     if not 1 <= k <= available:
         what = "other embeddings (leave-one-out)" if leave_one_out else "references"
         raise DataError(f"k = {k} neighbours requested but there are only {available} {what}")
-
-    group = _group_size(num_r, k)
-    groups_per_tile = max(1, min(math.ceil(num_r / group), _TILE_BYTES // (4 * group * 256)))
-    tile = groups_per_tile * group
-    num_tiles = math.ceil(num_r / tile)
-    padded = num_tiles * tile
-    num_groups = padded // group
     if block_size is None:
-        block_size = max(1, min(num_q, DEFAULT_BLOCK_BYTES // (4 * padded)))
+        block_size = DEFAULT_BLOCK_ROWS
     if block_size < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
+    block_size = min(block_size, num_q)
 
-    # One matmul per tile adds the per-reference bias: -|r|^2/2 (Euclidean) or 0, and -inf on padding.
+    tile, group, pruned = _plan(num_r, k, block_size)
+    padded = math.ceil(num_r / group) * group
+    # The per-reference bias enters through addmm: -|r|^2/2 (Euclidean) or 0, and -inf on padding.
     bias = torch.zeros(padded, dtype=torch.float32)
     if metric in ("euclidean", "squared_euclidean"):
         bias[:num_r] = refs.pow(2).sum(dim=1).mul_(-0.5)
     bias[num_r:] = -math.inf
-    refs_t = torch.zeros(padded, refs.shape[1], dtype=torch.float32)
-    refs_t[:num_r] = refs
-    refs_t = refs_t.T.contiguous()  # (D, padded): each tile's operand is a column slice
+    refs_t = torch.zeros(refs.shape[1], padded, dtype=torch.float32)
+    refs_t[:, :num_r] = refs.T
+    tiles = [(t0, min(t0 + tile, padded)) for t0 in range(0, padded, tile)]
+    buffer = torch.empty(block_size * min(tile, padded), dtype=torch.float32)  # reused: stays in cache
 
-    # allocated once: a fresh buffer per block would page-fault on every write
-    buffer = torch.empty(num_tiles * min(block_size, num_q) * tile, dtype=torch.float32)
     for start in range(0, num_q, block_size):
         stop = min(start + block_size, num_q)
         q = queries[start:stop]
         rows = stop - start
-        # tile-major layout: every tile (rows, tile) is contiguous, so addmm and amax stream through it
-        scores = buffer[:num_tiles * rows * tile].view(num_tiles, rows, tile)
-        group_max = torch.empty(rows, num_groups, dtype=torch.float32)
-        for t in range(num_tiles):
-            t0, t1 = t * tile, (t + 1) * tile
-            out = scores[t]
+        cand_vals: list[torch.Tensor] = []
+        cand_cols: list[torch.Tensor] = []
+        for t0, t1 in tiles:
+            out = buffer[:rows * (t1 - t0)].view(rows, t1 - t0)
             torch.addmm(bias[t0:t1], q, refs_t[:, t0:t1], out=out)
             if leave_one_out:
                 lo, hi = max(t0, start), min(t1, stop)
                 if lo < hi:  # the query itself is never its own neighbour
                     diag = torch.arange(lo, hi)
                     out[diag - start, diag - t0] = -math.inf
-            torch.amax(out.view(rows, groups_per_tile, group), dim=2,
-                       out=group_max[:, t * groups_per_tile:(t + 1) * groups_per_tile])
-
-        if group == 1:
-            cand_cols = None
-            cand_vals = scores.permute(1, 0, 2).reshape(rows, padded)
-        else:
-            # only groups whose maximum reaches the k-th largest group maximum can hold a top-k score
-            kth = torch.topk(group_max, k, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+            if not pruned:
+                cand_vals.append(out)  # consumed before the buffer is reused
+                cand_cols.append(torch.arange(t0, t1).expand(rows, -1))
+                continue
+            # A group whose maximum is below the k-th largest group maximum of this tile holds no
+            # top-k score: k other groups each have a larger one. Keep every group reaching it.
+            groups = out.view(rows, (t1 - t0) // group, group)
+            group_max = groups.amax(dim=2)
+            kk = min(k, group_max.shape[1])
+            kth = torch.topk(group_max, kk, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
             width = int((group_max >= kth).sum(dim=1).max())
             chosen = torch.topk(group_max, width, dim=1, sorted=False).indices
-            chosen = torch.sort(chosen, dim=1).values  # ascending columns keep the index tie-break
-            cand_cols = (chosen.unsqueeze(2) * group + torch.arange(group)).reshape(rows, width * group)
-            tile_of, within = cand_cols // tile, cand_cols % tile
-            row_of = torch.arange(rows).unsqueeze(1)
-            cand_vals = scores.view(-1)[(tile_of * rows + row_of) * tile + within]
-        idx, vals = _top_k_stable(cand_vals, cand_cols, k)
+            cols = (chosen.unsqueeze(2) * group + torch.arange(group)).reshape(rows, width * group)
+            cand_vals.append(torch.gather(out, 1, cols))
+            cand_cols.append(cols + t0)
+        values = torch.cat(cand_vals, dim=1) if len(cand_vals) > 1 else cand_vals[0]
+        columns = torch.cat(cand_cols, dim=1) if len(cand_cols) > 1 else cand_cols[0]
+        idx, vals = _top_k_stable(values, columns, k)
         yield start, idx, vals
 
 
-def _top_k_stable(values: torch.Tensor, columns: torch.Tensor | None, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k of each row, largest first, equal values ordered by column (``columns`` ascending per row).
+def _top_k_stable(
+    values: torch.Tensor, columns: torch.Tensor | None, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k of each row of ``values`` (B, W), largest first, equal values ordered by ``columns``
+    (B, W) (None: by position). Returns (columns, values), each (B, k).
 
-    ``topk`` is fast but orders ties arbitrarily; rows whose k-th value is tied with a value outside
-    the top-k are redone with a stable sort.
+    ``topk`` is fast but orders ties arbitrarily; rows whose k-th value is tied with a value left
+    outside the top-k are redone with a stable sort over the candidates in column order.
     """
+    if columns is None:
+        columns = torch.arange(values.shape[1]).expand(values.shape[0], -1)
     top_vals, top_pos = torch.topk(values, k, dim=1, sorted=False)
-    cols = top_pos if columns is None else torch.gather(columns, 1, top_pos)
-    # order the k winners: by column, then stably by value
-    cols, by_col = torch.sort(cols, dim=1)
+    cols = torch.gather(columns, 1, top_pos)
+    cols, by_col = torch.sort(cols, dim=1)  # by column, then stably by value
     top_vals = torch.gather(top_vals, 1, by_col)
     top_vals, by_val = torch.sort(top_vals, dim=1, descending=True, stable=True)
     cols = torch.gather(cols, 1, by_val)
-    kth = top_vals[:, -1:]
-    tied = ((values >= kth).sum(dim=1) > k).nonzero().flatten()
+    tied = ((values >= top_vals[:, -1:]).sum(dim=1) > k).nonzero().flatten()
     if len(tied):  # a tie straddles the cut: the lowest columns among equals must win
-        sub = values[tied]
-        sorted_vals, order = torch.sort(sub, dim=1, descending=True, stable=True)
+        sub_cols, by_col = torch.sort(columns[tied], dim=1)
+        sub_vals = torch.gather(values[tied], 1, by_col)
+        sorted_vals, order = torch.sort(sub_vals, dim=1, descending=True, stable=True)
         top_vals[tied] = sorted_vals[:, :k]
-        cols[tied] = order[:, :k] if columns is None else torch.gather(columns[tied], 1, order[:, :k])
+        cols[tied] = torch.gather(sub_cols, 1, order[:, :k])
     return cols, top_vals.contiguous()
 
 
