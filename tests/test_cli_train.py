@@ -50,8 +50,12 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def trained(config: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("run")
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    assert main(["train", str(config), "--out", str(out), "--no-progress"]) == 0
+    try:
+        assert main(["train", str(config), "--out", str(out), "--no-progress"]) == 0
+    finally:
+        torch.set_num_threads(before)
     return out
 
 

@@ -95,8 +95,12 @@ def assert_same_run(a: Path, b: Path) -> None:
 def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One uninterrupted 2-epoch run with augmentation, the reference of the resume tests."""
     out = tmp_path_factory.mktemp("straight")
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
-    run(out, *AUGMENT)
+    try:
+        run(out, *AUGMENT)
+    finally:
+        torch.set_num_threads(before)
     return out
 
 
@@ -437,8 +441,9 @@ def test_config_typos_name_the_key(tmp_path: Path) -> None:
         load_config(path, ["eval.select_metric=recall@3"])
     with pytest.raises(ConfigError, match=r"loss\.miner: .*unknown parameter 'marg'"):
         Trainer(tiny(tmp_path, "loss.miner.params={marg: 0.1}"), progress=False)
+    root = make_folder(tmp_path / "images", size=8)
     with pytest.raises(ConfigError, match=r"convnet4' cannot take images of shape \(1, 8, 8\) \(data.image_size=8"):
-        Trainer(tiny(tmp_path, "data.image_size=8"), progress=False)
+        Trainer(folder_config(tmp_path, root, "data.image_size=8"), progress=False)
 
 
 def test_bad_image_mid_epoch_keeps_the_progress(tmp_path: Path, straight: Path,

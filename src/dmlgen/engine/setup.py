@@ -193,7 +193,8 @@ def build_splits(cfg: DataConfig) -> DataSplits:
 
 def _check_channels(dataset: Any, cfg: DataConfig) -> None:
     """Fail before training when the images' channels disagree with ``data.channels``."""
-    image = dataset[0][0]
+    with torch.random.fork_rng(devices=[]):  # a random augmentation must not shift the run's RNG
+        image = dataset[0][0]
     if image.shape[0] != cfg.channels:
         raise DataError(
             f"{_source(cfg)}: images have {image.shape[0]} channel(s) but data.channels is {cfg.channels}"
