@@ -240,15 +240,19 @@ def test_installed_train_command_survives_a_real_ctrl_c(config: Path, tmp_path: 
     script = Path(sys.executable).parent / "dmlgen"
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    args = [str(script), "train", str(config), "--out", str(out), "--no-progress", "--set", "train.epochs=200"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    args = [str(script), "train", str(config), "--out", str(out), "--no-progress", "--set", "train.epochs=200",
+            "--set", "data.num_workers=2"]
+    # A session of its own: Ctrl-C in a terminal signals the whole process group, loader workers included.
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not (out / "last.ckpt").exists():
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint after 120 s"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        time.sleep(0.5)  # into the next epoch, with its workers running
+        os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:

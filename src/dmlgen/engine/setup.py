@@ -6,6 +6,7 @@ import dataclasses
 import math
 import os
 import random
+import signal
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -279,8 +280,15 @@ class SeededDataset(Dataset):
             return self.dataset[index]
 
 
+def ignore_sigint_in_worker(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: Ctrl-C in a terminal reaches the whole process group; the workers must
+    keep serving batches until the main process stops at the end of its step (and saves)."""
+    del worker_id
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def build_loader(dataset: Dataset, batch_sampler: Any, num_workers: int, seed: int) -> DataLoader:
-    """A loader whose worker seeds are fixed by ``seed``."""
+    """A loader whose worker seeds are fixed by ``seed`` and whose workers ignore Ctrl-C."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
@@ -289,6 +297,7 @@ def build_loader(dataset: Dataset, batch_sampler: Any, num_workers: int, seed: i
         pin_memory=torch.cuda.is_available(),
         generator=generator,
         persistent_workers=False,
+        worker_init_fn=ignore_sigint_in_worker if num_workers > 0 else None,
     )
 
 
@@ -311,7 +320,8 @@ def embed_dataset(
     """
     was_training = model.training
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        worker_init_fn=ignore_sigint_in_worker if num_workers > 0 else None)
     chunks, labels = [], []
     try:
         for images, y, _ in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
