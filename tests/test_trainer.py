@@ -185,7 +185,6 @@ def test_resume_detects_a_broken_replay(tmp_path: Path, straight: Path, monkeypa
         assert_same_run(straight, tmp_path)
 
 
-@pytest.mark.slow
 def test_resume_with_loader_workers_is_exact(tmp_path: Path, straight: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Augmentations are seeded per image, so worker processes and pre-fetching change nothing."""
