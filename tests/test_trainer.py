@@ -311,7 +311,8 @@ def test_load_trained_model_never_fetches_imagenet(tmp_path: Path, monkeypatch: 
         build_model_from_config(cfg.model, 1)
     loaded, loaded_cfg = load_trained_model(tmp_path / "resnet.ckpt")
     assert loaded_cfg.model.imagenet and loaded_cfg.model.backbone == "resnet18"
-    assert torch.equal(loaded.state_dict()["backbone.body.conv1.weight"], model.state_dict()["backbone.body.conv1.weight"])
+    key = "backbone.body.conv1.weight"
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
 
 
 def test_checkpoint_from_another_model_is_refused(tmp_path: Path, straight: Path) -> None:

@@ -99,7 +99,9 @@ def load_trained_model(path: str | Path, device: str = "cpu") -> tuple[Embedding
     if theirs != mine:
         diff = [f"{k} {theirs.get(k)!r} != {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
                 if theirs.get(k) != mine.get(k)]
-        raise CheckpointError(f"checkpoint {path}: its weights are for another model than its config ({'; '.join(diff[:4])})")
+        raise CheckpointError(
+            f"checkpoint {path}: its weights are for another model than its config ({'; '.join(diff[:4])})"
+        )
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
