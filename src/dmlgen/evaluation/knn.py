@@ -1,18 +1,20 @@
 """Exact k-nearest-neighbour search that never materialises an N x M score matrix.
 
 Queries are processed in blocks of ``block_size`` rows against all references. Each block's scores are
-computed tile by tile; while a tile is still in cache its *group maxima* (max over runs of ``group_size``
-consecutive references) are taken. The k-th largest group maximum is a lower bound of the k-th largest
-score of the row, because the k largest group maxima are k distinct scores. So only the groups whose
-maximum reaches that bound can hold a top-k neighbour: those few groups (usually exactly k) are gathered
-and sorted exactly. This replaces a full ``topk`` over every row (the slow part of a plain
-matmul-plus-topk) by one ``amax`` pass and a sort of about ``k * group_size`` values per query.
+computed tile by tile into one reused buffer of about 4 MB, and each tile is reduced while it is still
+in cache: its columns are split into groups of ``group`` references and the maximum of each group is
+taken. A group whose maximum is below the k-th largest group maximum of its tile cannot hold a top-k
+score of the row (k other groups of the tile each hold a larger one), so only the k (or, with ties, a
+few more) best groups of each tile are kept. A final exact top-k runs over those candidates, about
+``k * group * num_tiles`` per query instead of all M. This replaces a full ``topk`` over every row (the
+slow part of a plain matmul-plus-topk) by one vectorised ``amax`` pass per tile, and the score matrix
+never leaves the cache.
 
 Scores are "larger is closer": ``q . r`` for ``inner_product`` and ``cosine`` (inputs normalised first)
 and ``q . r - |r|^2 / 2`` for ``euclidean``, which orders references exactly as ``|q - r|^2`` does for a
 fixed query. Ties are broken by reference index (the lower index first), as methods.md §1.3 asks.
 
-Memory is O(block_size * M) floats for the block's tiles plus O(N * k) for the result.
+Memory is one 4 MB tile, O(block_size * k * group * num_tiles) candidates, plus O(N * k) for the result.
 """
 
 from __future__ import annotations
@@ -168,21 +170,23 @@ def iter_knn_blocks(
             if leave_one_out:
                 lo, hi = max(t0, start), min(t1, stop)
                 if lo < hi:  # the query itself is never its own neighbour
-                    diag = torch.arange(lo, hi)
-                    out[diag - start, diag - t0] = -math.inf
+                    out[lo - start:hi - start, lo - t0:hi - t0].diagonal().fill_(-math.inf)
             if not pruned:
                 cand_vals.append(out)  # consumed before the buffer is reused
                 cand_cols.append(torch.arange(t0, t1).expand(rows, -1))
                 continue
             # A group whose maximum is below the k-th largest group maximum of this tile holds no
             # top-k score: k other groups each have a larger one. Keep every group reaching it.
-            groups = out.view(rows, (t1 - t0) // group, group)
-            group_max = groups.amax(dim=2)
-            kk = min(k, group_max.shape[1])
-            kth = torch.topk(group_max, kk, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+            # Group j of a tile is the strided set of columns j + m * num_groups (m < group): its
+            # maximum is an elementwise max over `group` contiguous slices, which vectorises well.
+            num_groups = (t1 - t0) // group
+            group_max = out.view(rows, group, num_groups).amax(dim=1)
+            kk = min(k, num_groups)
+            top = torch.topk(group_max, kk, dim=1, sorted=False)
+            kth = top.values.amin(dim=1, keepdim=True)
             width = int((group_max >= kth).sum(dim=1).max())
-            chosen = torch.topk(group_max, width, dim=1, sorted=False).indices
-            cols = (chosen.unsqueeze(2) * group + torch.arange(group)).reshape(rows, width * group)
+            chosen = top.indices if width == kk else torch.topk(group_max, width, dim=1, sorted=False).indices
+            cols = (chosen.unsqueeze(2) + torch.arange(group) * num_groups).reshape(rows, width * group)
             cand_vals.append(torch.gather(out, 1, cols))
             cand_cols.append(cols + t0)
         values = torch.cat(cand_vals, dim=1) if len(cand_vals) > 1 else cand_vals[0]
