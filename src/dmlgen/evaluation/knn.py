@@ -1,7 +1,7 @@
 """Exact k-nearest-neighbour search that never materialises an N x M score matrix.
 
 Queries are processed in blocks of ``block_size`` rows against all references. Each block's scores are
-computed tile by tile into one reused buffer of about 4 MB, and each tile is reduced while it is still
+computed tile by tile into one reused buffer of about 8 MB, and each tile is reduced while it is still
 in cache: its columns are split into groups of ``group`` references and the maximum of each group is
 taken. A group whose maximum is below the k-th largest group maximum of its tile cannot hold a top-k
 score of the row (k other groups of the tile each hold a larger one), so only the k (or, with ties, a
@@ -14,7 +14,7 @@ Scores are "larger is closer": ``q . r`` for ``inner_product`` and ``cosine`` (i
 and ``q . r - |r|^2 / 2`` for ``euclidean``, which orders references exactly as ``|q - r|^2`` does for a
 fixed query. Ties are broken by reference index (the lower index first), as methods.md §1.3 asks.
 
-Memory is one 4 MB tile, O(block_size * k * group * num_tiles) candidates, plus O(N * k) for the result.
+Memory is one 8 MB tile, O(block_size * k * group * num_tiles) candidates, plus O(N * k) for the result.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ Metric = Literal["euclidean", "squared_euclidean", "cosine", "inner_product"]
 METRICS: tuple[str, ...] = ("euclidean", "squared_euclidean", "cosine", "inner_product")
 Backend = Literal["torch", "faiss"]
 
-DEFAULT_BLOCK_ROWS = 256  #: queries per block
-_TILE_BYTES = 4 * 2**20  # one tile of scores (block rows x tile columns): reduced while still in cache
+DEFAULT_BLOCK_ROWS = 512  #: queries per block
+_TILE_BYTES = 8 * 2**20  # one tile of scores (block rows x tile columns): reduced while still in cache
 
 
 @dataclass(frozen=True)
@@ -99,12 +99,12 @@ def _scores_to_distances(scores: torch.Tensor, queries: torch.Tensor, metric: st
 def _plan(num_refs: int, k: int, rows: int) -> tuple[int, int, bool]:
     """``(tile, group, pruned)``: score columns per tile, references per group, and whether groups prune.
 
-    A tile of ``rows x tile`` scores fits in about 4 MB, so it is reduced while in cache. Each tile
+    A tile of ``rows x tile`` scores fits in about 8 MB (a quarter of this machine's last-level cache), so it is reduced while in cache. Each tile
     keeps about k groups, so small groups keep the candidates few; when k groups would cover most of a
     tile, pruning is off and whole rows go to one exact top-k (group 1).
     """
     tile = max(1, _TILE_BYTES // (4 * rows))
-    group = int(max(1, min(16, tile // (16 * k))))
+    group = int(max(1, min(32, tile // (8 * k))))
     tile = max(group, min(tile // group, math.ceil(num_refs / group)) * group)
     if 2 * k * group > tile or group == 1:
         return num_refs, 1, False
