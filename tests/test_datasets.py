@@ -337,3 +337,46 @@ def test_npz_dataset(tmp_path: Path) -> None:
     np.savez(out_of_range, images=np.full((2, 5, 5), 7.0), labels=np.array([0, 1]))
     with pytest.raises(DataError, match=r"range.npz: .*\[0, 1\]"):
         npz_dataset(out_of_range)
+
+
+# --------------------------------------------------------------------------- batched reads
+def test_get_batch_equals_item_by_item_for_deterministic_transforms() -> None:
+    from torchvision.transforms import v2
+
+    from dmlgen.data.datasets import is_deterministic
+    from dmlgen.data.transforms import TransformConfig, build_transforms
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, size=(12, 20, 20), dtype=np.uint8)
+    cfg = TransformConfig(image_size=16, resize_to=18, normalize_mean=(0.5,), normalize_std=(0.25,))
+    transform = build_transforms(cfg, train=False)
+    assert is_deterministic(transform)
+    ds = ArrayImageDataset(images, np.arange(12) % 4, transform=transform)
+    order = [5, 0, 11, 5, 3]
+    batch = ds.get_batch(order)
+    assert [b[2] for b in batch] == order and [b[1] for b in batch] == [ds[i][1] for i in order]
+    for (image, _, i) in batch:
+        single = ds[i][0]
+        assert image.shape == single.shape == (1, 16, 16)
+        assert torch.allclose(image, single, atol=1e-6)
+    # augmenting pipelines are not batched: they draw per image
+    assert not is_deterministic(build_transforms(TransformConfig(horizontal_flip=True), train=True))
+    assert not is_deterministic(v2.Compose([v2.ToImage(), v2.RandomAffine(degrees=5)]))
+    assert not is_deterministic(lambda x: x)  # unknown callables are assumed random
+
+
+def test_seeded_dataset_batches_match_per_item_reads() -> None:
+    from dmlgen.data.transforms import TransformConfig, build_transforms
+    from dmlgen.engine.setup import SeededDataset
+
+    rng = np.random.default_rng(4)
+    images = rng.random((10, 8, 8)).astype(np.float32)
+    items = [(3, 11), (7, 12), (3, 13)]
+    for train in (False, True):  # eval: batched path; train with flips: per-image seeded path
+        ds = ArrayImageDataset(images, np.arange(10) % 5,
+                               transform=build_transforms(TransformConfig(horizontal_flip=True), train=train))
+        seeded = SeededDataset(ds)
+        batch = seeded.__getitems__(items)
+        for got, item in zip(batch, items, strict=True):
+            want = seeded[item]
+            assert torch.equal(got[0], want[0]) and got[1:] == want[1:]

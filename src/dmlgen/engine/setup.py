@@ -22,6 +22,7 @@ from dmlgen.data.datasets import (
     ArrayImageDataset,
     csv_dataset,
     image_folder_dataset,
+    is_deterministic,
     npz_dataset,
 )
 from dmlgen.data.omniglot import omniglot_splits
@@ -271,6 +272,14 @@ class SeededDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, items: list[tuple[int, int]]) -> list[Any]:
+        """A whole batch (the DataLoader calls this when defined): in-memory arrays whose transform
+        draws no random numbers are read and transformed in one call, identical to item by item."""
+        get_batch = getattr(self.dataset, "get_batch", None)
+        if get_batch is not None and is_deterministic(getattr(self.dataset, "transform", None)):
+            return get_batch([index for index, _ in items])
+        return [self[item] for item in items]
 
     def __getitem__(self, item: tuple[int, int]) -> Any:
         index, seed = item
