@@ -19,6 +19,7 @@ from dmlgen.losses import (
     MultiSimilarityMiner,
     TripletMarginMiner,
 )
+from _batches import make_batch
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -27,14 +28,6 @@ pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def make_batch(seed: int, n_classes: int = 5, m: int = 4, d: int = 8, dtype=torch.float32, normalized=False):
-    g = torch.Generator().manual_seed(seed)
-    n = n_classes * m
-    labels = torch.arange(n_classes).repeat_interleave(m)[torch.randperm(n, generator=g)]
-    centers = torch.randn(n_classes, d, generator=g, dtype=torch.float64)
-    x = 0.7 * centers[labels] + torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = F.normalize(x, dim=1) if normalized else 3.0 * x + 0.5
-    return x.to(dtype), labels
 
 
 def naive_ms(x, y, *, alpha=2.0, beta=50.0, base=0.5, kind="cosine", ref=None, ref_y=None, pairs=None) -> float:

@@ -18,6 +18,7 @@ from dmlgen.losses import (
     TripletMarginLoss,
     TripletMarginMiner,
 )
+from _batches import make_batch
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -27,15 +28,6 @@ pml_reducers = pytest.importorskip("pytorch_metric_learning.reducers")
 TOL = {"atol": 1e-5, "rtol": 1e-5}
 
 
-def make_batch(seed: int, n_classes: int = 5, m: int = 4, d: int = 8, dtype=torch.float32, normalized=False):
-    """Clustered embeddings (so mining finds easy, semi-hard and hard triplets) with m samples per class."""
-    g = torch.Generator().manual_seed(seed)
-    n = n_classes * m
-    labels = torch.arange(n_classes).repeat_interleave(m)[torch.randperm(n, generator=g)]
-    centers = torch.randn(n_classes, d, generator=g, dtype=torch.float64)
-    x = 0.7 * centers[labels] + torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = F.normalize(x, dim=1) if normalized else 3.0 * x + 0.5
-    return x.to(dtype), labels
 
 
 def naive_value(u: list[float], v: list[float], kind: str, normalize: bool) -> float:

@@ -8,19 +8,12 @@ import torch.nn.functional as F
 
 from dmlgen.errors import ConfigError, DataError
 from dmlgen.losses import CosineSimilarity, LpDistance, MultiSimilarityMiner, TripletMarginMiner
+from _batches import make_batch
 
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
 pml_distances = pytest.importorskip("pytorch_metric_learning.distances")
 
 
-def make_batch(seed: int, n_classes: int = 5, m: int = 4, d: int = 8, dtype=torch.float32, normalized=False):
-    g = torch.Generator().manual_seed(seed)
-    n = n_classes * m
-    labels = torch.arange(n_classes).repeat_interleave(m)[torch.randperm(n, generator=g)]
-    centers = torch.randn(n_classes, d, generator=g, dtype=torch.float64)
-    x = 0.7 * centers[labels] + torch.randn(n, d, generator=g, dtype=torch.float64)
-    x = F.normalize(x, dim=1) if normalized else 3.0 * x + 0.5
-    return x.to(dtype), labels
 
 
 def triplet_set(t):

@@ -250,7 +250,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         return self._cache[1]
 
     def _plan(self, epoch: int) -> tuple[list[np.ndarray], dict[str, int]]:
-        p, m = self.classes_per_batch, self.samples_per_class
+        m = self.samples_per_class
         gen = torch.Generator().manual_seed(_epoch_seed(self.seed, epoch))
         # Images grouped by class, in random order within the class (random keys are a permutation: no ties).
         keys = torch.randperm(self._num_images, generator=gen).numpy()
