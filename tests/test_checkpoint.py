@@ -64,3 +64,4 @@ def test_rng_state_round_trip_through_a_file(tmp_path) -> None:
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     set_rng_state(load_checkpoint(path)["rng"])
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+
