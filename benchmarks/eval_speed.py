@@ -45,7 +45,9 @@ def make_data(n: int, dim: int, seed: int):  # type: ignore[no-untyped-def]
     labels = np.repeat(np.arange(len(sizes)), sizes)[:n]
     rng.shuffle(labels)
     centres = rng.standard_normal((len(sizes), dim)).astype(np.float32)
-    x = centres[labels] + 1.2 * rng.standard_normal((n, dim)).astype(np.float32)
+    # noise grows with sqrt(D) so that every D is as hard as D = 128 (else D = 512 is perfectly separable)
+    noise = 1.2 * np.sqrt(dim / 128.0)
+    x = centres[labels] + noise * rng.standard_normal((n, dim)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return x.astype(np.float32), labels.astype(np.int64)
 
