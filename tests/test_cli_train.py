@@ -20,6 +20,7 @@ import yaml
 from dmlgen.cli import main
 from dmlgen.engine.checkpoint import load_checkpoint
 from dmlgen.engine.trainer import Trainer
+from _fixtures import one_thread  # noqa: F401  (autouse: every test here runs on one thread)
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -31,13 +32,6 @@ TINY: dict[str, Any] = {
     "train": {"epochs": 2, "max_steps_per_epoch": 3},
 }
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

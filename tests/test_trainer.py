@@ -27,6 +27,7 @@ from dmlgen.engine.run import embed_split, evaluation_config, load_trained_model
 from dmlgen.engine.setup import build_model_from_config, build_splits
 from dmlgen.engine.trainer import BEST, LAST, Trainer, TrainingInterrupted
 from dmlgen.errors import CheckpointError, ConfigError, DataError
+from _fixtures import one_thread  # noqa: F401  (autouse: every test here runs on one thread)
 
 TINY: dict[str, Any] = {
     "name": "tiny",
@@ -42,14 +43,6 @@ TINY: dict[str, Any] = {
 AUGMENT = ["data.train_transforms={rotation_degrees: 10, translate: 0.1}"]
 TIMING = ("train_seconds", "images_per_second")
 
-
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    # Tiny models run faster on one thread, and a loaded CI machine cannot slow them by oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def tiny(out: Path, *overrides: str) -> RunConfig:

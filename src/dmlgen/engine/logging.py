@@ -45,23 +45,6 @@ class RunLogger:
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self._writer.add_scalar(f"{prefix}/{name}", value, step)
 
-    def epoch_row(self, row: dict[str, Any]) -> None:
-        """One CSV row per epoch; the header is the union of keys seen so far, rewritten if it grows."""
-        rows = []
-        if self.csv_path.exists():
-            with self.csv_path.open(newline="") as handle:
-                rows = list(csv.DictReader(handle))
-        rows.append({k: _clean(v) for k, v in row.items()})
-        header: list[str] = []
-        for r in rows:
-            header.extend(k for k in r if k not in header)
-        tmp = self.csv_path.with_suffix(".csv.tmp")
-        with tmp.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=header)
-            writer.writeheader()
-            writer.writerows(rows)
-        tmp.replace(self.csv_path)
-
     def write_epochs(self, rows: list[dict[str, Any]]) -> None:
         """Rewrite ``epochs.csv`` from the whole history (the checkpoint's), so resumed runs never duplicate
         or lose a row."""
