@@ -231,7 +231,8 @@ def _record_candidates(monkeypatch):
 
     def wrapped(values, columns, k):
         # the dense path hands over whole rows: every reference is a candidate
-        widths.append((values.shape[1], bool((columns == torch.arange(values.shape[1])).all())))
+        dense = columns is None or bool((columns == torch.arange(values.shape[1])).all())
+        widths.append((values.shape[1], dense))
         return orig(values, columns, k)
 
     monkeypatch.setattr(knn_mod, "_top_k_stable", wrapped)
@@ -457,3 +458,24 @@ def test_top_k_spread_over_k_groups_of_one_tile(monkeypatch, use_default_plan):
     query = torch.zeros(1, 2)
     res = knn(query, refs, k, metric="squared_euclidean", block_size=1)
     assert res.indices[0].tolist() == near.tolist()
+
+
+def test_ties_at_the_kth_group_maximum_widen_the_kept_groups(monkeypatch):
+    """Heavy duplicates make many group maxima equal to the k-th: more than k + 1 groups must be kept,
+    and the result still equals the (distance, index) oracle."""
+    kept: list[int] = []
+    orig = knn_mod._groups_holding_top_k
+
+    def wrapped(group_max, kk):
+        chosen = orig(group_max, kk)
+        kept.append(chosen.shape[1] - (kk + 1))
+        return chosen
+
+    monkeypatch.setattr(knn_mod, "_groups_holding_top_k", wrapped)
+    monkeypatch.setattr(knn_mod, "_plan", lambda num_refs, kk, rows: (4 * kk + 8, 2, True))
+    g = torch.Generator().manual_seed(13)
+    x = torch.randint(0, 3, (300, 4), generator=g).float()
+    for k in (1, 3, 5):
+        res = knn(x, None, k, metric="squared_euclidean", block_size=37)
+        np.testing.assert_array_equal(res.indices.numpy(), naive_rows(x, x, range(300), k, loo=True))
+    assert max(kept) > 0  # the widened path ran

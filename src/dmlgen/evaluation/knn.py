@@ -1,20 +1,22 @@
-"""Exact k-nearest-neighbour search that never materialises an N x M score matrix.
+"""Exact k-nearest-neighbour search with memory bounded by a block of queries.
 
-Queries are processed in blocks of ``block_size`` rows against all references. Each block's scores are
-computed tile by tile into one reused buffer of about 8 MB, and each tile is reduced while it is still
-in cache: its columns are split into groups of ``group`` references and the maximum of each group is
-taken. A group whose maximum is below the k-th largest group maximum of its tile cannot hold a top-k
-score of the row (k other groups of the tile each hold a larger one), so only the k (or, with ties, a
-few more) best groups of each tile are kept. A final exact top-k runs over those candidates, about
-``k * group * num_tiles`` per query instead of all M. This replaces a full ``topk`` over every row (the
-slow part of a plain matmul-plus-topk) by one vectorised ``amax`` pass per tile, and the score matrix
-never leaves the cache.
+Queries are processed in blocks of ``block_size`` rows against all references; the block's scores
+(``block_size x M`` floats, about 128 MB by default) are computed tile by tile, and each tile of about
+8 MB is reduced while it is still in cache: its columns are split into groups of ``group`` references
+and the maximum of each group is kept. After the block, one top-k over each row's group maxima finds
+the k + 1 best groups. A group whose maximum is below the k-th largest group maximum cannot hold a
+top-k score (k other groups each hold a larger one), so the exact top-k runs over the scores of those
+groups only: ``(k + 1) * group`` candidates per query instead of M, gathered from the block. This
+replaces a full ``topk`` over every row (the slow part of a plain matmul-plus-topk) by one vectorised
+``amax`` pass per tile and two small top-k calls per block. Ties at the k-th group maximum widen the
+kept set, so the result stays exact.
 
 Scores are "larger is closer": ``q . r`` for ``inner_product`` and ``cosine`` (inputs normalised first)
 and ``q . r - |r|^2 / 2`` for ``euclidean``, which orders references exactly as ``|q - r|^2`` does for a
 fixed query. Ties are broken by reference index (the lower index first), as methods.md §1.3 asks.
 
-Memory is one 8 MB tile, O(block_size * k * group * num_tiles) candidates, plus O(N * k) for the result.
+Memory is one block of scores plus its group maxima (``block_size * M * (1 + 1 / group)`` floats) and
+O(N * k) for the result.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ Backend = Literal["torch", "faiss"]
 
 DEFAULT_BLOCK_ROWS = 512  #: queries per block
 _TILE_BYTES = 8 * 2**20  # one tile of scores (block rows x tile columns): reduced while still in cache
+_BLOCK_BYTES = 128 * 2**20  # one block of scores (block rows x all references)
 
 
 @dataclass(frozen=True)
@@ -99,16 +102,18 @@ def _scores_to_distances(scores: torch.Tensor, queries: torch.Tensor, metric: st
 def _plan(num_refs: int, k: int, rows: int) -> tuple[int, int, bool]:
     """``(tile, group, pruned)``: score columns per tile, references per group, and whether groups prune.
 
-    A tile of ``rows x tile`` scores fits in about 8 MB (a quarter of this machine's last-level cache), so it is reduced while in cache. Each tile
-    keeps about k groups, so small groups keep the candidates few; when k groups would cover most of a
-    tile, pruning is off and whole rows go to one exact top-k (group 1).
+    A tile of ``rows x tile`` scores is about 8 MB (a quarter of this machine's last-level cache), so
+    it is reduced while still in cache. About k + 1 groups of each row survive, so the final exact
+    top-k sees ``(k + 1) * group`` candidates after a top-k over ``num_refs / group`` group maxima:
+    ``group ~ sqrt(num_refs / (k + 1))`` balances the two (at most 32, where the strided maximum stops
+    paying). With few references per kept candidate, pruning is off and whole rows go to one exact
+    top-k (group 1).
     """
-    tile = max(1, _TILE_BYTES // (4 * rows))
-    group = int(max(1, min(32, tile // (8 * k))))
-    tile = max(group, min(tile // group, math.ceil(num_refs / group)) * group)
-    if 2 * k * group > tile or group == 1:
+    group = int(max(1, min(32, round(math.sqrt(num_refs / (k + 1))))))
+    if group == 1 or 4 * (k + 1) * group > num_refs:
         return num_refs, 1, False
-    return tile, group, True
+    tile = max(group, _TILE_BYTES // (4 * rows) // group * group)
+    return min(tile, math.ceil(num_refs / group) * group), group, True
 
 
 def iter_knn_blocks(
@@ -123,11 +128,11 @@ def iter_knn_blocks(
 
     Args:
         queries: (N, D) prepared embeddings (see :func:`prepare_embeddings`).
-        references: (M, D) prepared embeddings, or None for leave-one-out on ``queries`` (the query
-            itself is excluded by index, so duplicates of it still count as neighbours).
+        references: (M, D) prepared embeddings, or None for leave-one-out on ``queries``.
         k: neighbours per query, 1 <= k <= M (M - 1 in leave-one-out).
         metric: see the module docstring.
-        block_size: queries per block (None: 256, fewer when k is large).
+        block_size: queries per block (None: 512, fewer when M is large, so that one block of
+            scores stays near 128 MB).
 
     Yields:
         start: index of the block's first query; indices (B, k) int64; scores (B, k) float32,
@@ -141,7 +146,7 @@ def iter_knn_blocks(
         what = "other embeddings (leave-one-out)" if leave_one_out else "references"
         raise DataError(f"k = {k} neighbours requested but there are only {available} {what}")
     if block_size is None:
-        block_size = DEFAULT_BLOCK_ROWS
+        block_size = max(1, min(DEFAULT_BLOCK_ROWS, _BLOCK_BYTES // (4 * num_r)))
     if block_size < 1:
         raise DataError(f"block_size must be >= 1, got {block_size}")
     block_size = min(block_size, num_q)
@@ -156,43 +161,65 @@ def iter_knn_blocks(
     refs_t = torch.zeros(refs.shape[1], padded, dtype=torch.float32)
     refs_t[:, :num_r] = refs.T
     tiles = [(t0, min(t0 + tile, padded)) for t0 in range(0, padded, tile)]
-    buffer = torch.empty(block_size * min(tile, padded), dtype=torch.float32)  # reused: stays in cache
+    scores_buf = torch.empty(block_size, padded, dtype=torch.float32)  # one block of scores, reused
+    group_max_buf = torch.empty(block_size, padded // group, dtype=torch.float32) if pruned else None
+    # Group j of a tile is the strided set of columns t0 + j + m * num_groups (m < group): its maximum
+    # is an elementwise max over `group` contiguous slices, which vectorises well. Groups are numbered
+    # across tiles (tile t's groups start at t0 / group), which `_group_columns` inverts.
+    tile_groups = torch.tensor([(t1 - t0) // group for t0, t1 in tiles])
 
     for start in range(0, num_q, block_size):
         stop = min(start + block_size, num_q)
-        q = queries[start:stop]
         rows = stop - start
-        cand_vals: list[torch.Tensor] = []
-        cand_cols: list[torch.Tensor] = []
+        scores = scores_buf[:rows]
         for t0, t1 in tiles:
-            out = buffer[:rows * (t1 - t0)].view(rows, t1 - t0)
-            torch.addmm(bias[t0:t1], q, refs_t[:, t0:t1], out=out)
+            out = scores[:, t0:t1]
+            torch.addmm(bias[t0:t1], queries[start:stop], refs_t[:, t0:t1], out=out)
             if leave_one_out:
                 lo, hi = max(t0, start), min(t1, stop)
                 if lo < hi:  # the query itself is never its own neighbour
                     out[lo - start:hi - start, lo - t0:hi - t0].diagonal().fill_(-math.inf)
-            if not pruned:
-                cand_vals.append(out)  # consumed before the buffer is reused
-                cand_cols.append(torch.arange(t0, t1).expand(rows, -1))
-                continue
-            # A group whose maximum is below the k-th largest group maximum of this tile holds no
-            # top-k score: k other groups each have a larger one. Keep every group reaching it.
-            # Group j of a tile is the strided set of columns j + m * num_groups (m < group): its
-            # maximum is an elementwise max over `group` contiguous slices, which vectorises well.
-            num_groups = (t1 - t0) // group
-            group_max = out.view(rows, group, num_groups).amax(dim=1)
-            kk = min(k, num_groups)
-            top = torch.topk(group_max, kk, dim=1, sorted=False)
-            kth = top.values.amin(dim=1, keepdim=True)
-            width = int((group_max >= kth).sum(dim=1).max())
-            chosen = top.indices if width == kk else torch.topk(group_max, width, dim=1, sorted=False).indices
-            cols = (chosen.unsqueeze(2) + torch.arange(group) * num_groups).reshape(rows, width * group)
-            cand_vals.append(torch.gather(out, 1, cols))
-            cand_cols.append(cols + t0)
-        values = torch.cat(cand_vals, dim=1) if len(cand_vals) > 1 else cand_vals[0]
-        columns = torch.cat(cand_cols, dim=1) if len(cand_cols) > 1 else cand_cols[0]
-        idx, vals = _top_k_stable(values, columns, k)
+            if pruned:  # reduced while the tile is still in cache
+                num_groups = (t1 - t0) // group
+                torch.amax(out.view(rows, group, num_groups), dim=1,
+                           out=group_max_buf[:rows, t0 // group:t1 // group])  # type: ignore[index]
+        if not pruned:
+            idx, vals = _top_k_stable(scores[:, :num_r], None, k)
+        else:
+            chosen = _groups_holding_top_k(group_max_buf[:rows], k)  # type: ignore[index]
+            cols = _group_columns(chosen, tile, group, tile_groups)
+            idx, vals = _top_k_stable(torch.gather(scores, 1, cols), cols, k)
         yield start, idx, vals
+
+
+def _group_columns(chosen: torch.Tensor, tile: int, group: int, tile_groups: torch.Tensor) -> torch.Tensor:
+    """(B, W * group) score columns of the (B, W) chosen group numbers (see :func:`iter_knn_blocks`)."""
+    t = torch.div(chosen, tile // group, rounding_mode="floor")
+    t0 = t * tile
+    first = t0 + (chosen - torch.div(t0, group, rounding_mode="floor"))
+    stride = tile_groups[t]
+    cols = first.unsqueeze(2) + stride.unsqueeze(2) * torch.arange(group)
+    return cols.view(chosen.shape[0], -1)
+
+
+def _groups_holding_top_k(group_max: torch.Tensor, k: int) -> torch.Tensor:
+    """(B, W) indices of the groups that can hold a top-k score of their row, W >= k.
+
+    A group whose maximum is below the k-th largest group maximum holds no top-k score (k other groups
+    each have a larger one). The k + 1 largest groups are kept, which is enough unless the (k + 1)-th
+    ties with the k-th somewhere; then every group reaching the k-th largest maximum is kept. Checking
+    the k + 1 values is far cheaper than counting over all groups.
+    """
+    rows, num_groups = group_max.shape
+    if num_groups <= k + 1:
+        return torch.arange(num_groups).expand(rows, -1)
+    top = torch.topk(group_max, k + 1, dim=1, sorted=False)
+    lowest = top.values.amin(dim=1, keepdim=True)
+    if int((top.values == lowest).sum()) == rows:  # the (k + 1)-th is strictly below the k-th everywhere
+        return top.indices
+    kth = torch.kthvalue(top.values, 2, dim=1, keepdim=True).values
+    width = int((group_max >= kth).sum(dim=1).max())
+    return torch.topk(group_max, width, dim=1, sorted=False).indices
 
 
 def _top_k_stable(
@@ -206,20 +233,27 @@ def _top_k_stable(
     """
     if columns is None:
         columns = torch.arange(values.shape[1]).expand(values.shape[0], -1)
-    top_vals, top_pos = torch.topk(values, k, dim=1, sorted=False)
+    width = values.shape[1]
+    # The (k + 1)-th largest tells whether a tie straddles the cut: only then is it equal to the k-th.
+    top_vals, top_pos = torch.topk(values, min(k + 1, width), dim=1, sorted=False)
+    if width > k:
+        lowest = top_vals.amin(dim=1, keepdim=True)
+        tied = ((top_vals == lowest).sum(dim=1) > 1).nonzero().flatten()
+    else:
+        tied = torch.empty(0, dtype=torch.int64)
     cols = torch.gather(columns, 1, top_pos)
     cols, by_col = torch.sort(cols, dim=1)  # by column, then stably by value
     top_vals = torch.gather(top_vals, 1, by_col)
     top_vals, by_val = torch.sort(top_vals, dim=1, descending=True, stable=True)
-    cols = torch.gather(cols, 1, by_val)
-    tied = ((values >= top_vals[:, -1:]).sum(dim=1) > k).nonzero().flatten()
+    cols = torch.gather(cols, 1, by_val)[:, :k]
+    top_vals = top_vals[:, :k]
     if len(tied):  # a tie straddles the cut: the lowest columns among equals must win
         sub_cols, by_col = torch.sort(columns[tied], dim=1)
         sub_vals = torch.gather(values[tied], 1, by_col)
         sorted_vals, order = torch.sort(sub_vals, dim=1, descending=True, stable=True)
         top_vals[tied] = sorted_vals[:, :k]
         cols[tied] = torch.gather(sub_cols, 1, order[:, :k])
-    return cols, top_vals.contiguous()
+    return cols.contiguous(), top_vals.contiguous()
 
 
 def knn(
