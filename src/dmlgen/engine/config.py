@@ -89,9 +89,15 @@ class ModelConfig:
     weights: str | None = None
     imagenet: bool = False
     freeze_bn: bool = False
+    # MDR's "learning without L2 norm": in training, divide the embeddings by the batch's mean pairwise
+    # distance (gradients flow through it); evaluation returns them unscaled. Needs normalize: false.
+    scale_by_mean_distance: bool = False
 
     def validate(self) -> None:
         _positive("model.embedding_size", self.embedding_size)
+        if self.scale_by_mean_distance and self.normalize:
+            raise ConfigError("model.scale_by_mean_distance: true replaces the L2 normalisation; "
+                              "set model.normalize: false as well")
 
 
 @dataclass
@@ -107,6 +113,22 @@ class LossConfig:
     miner: MinerConfig | None = None
     # Learning rate of the loss's own parameters (proxies, margin beta); None = the model's.
     lr: float | None = None
+
+
+@dataclass
+class RegularizerConfig:
+    """One regularizer added to the loss: ``weight * value`` (plus its own penalty), e.g. MDR or LSD.
+
+    ``weight`` is MDR's λ or LSD's α (LSD ramps it up as ``(e / E) * α * τ²``); ``params`` go to the
+    regularizer (see ``dmlgen.losses.regularizers``).
+    """
+
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _positive("regularizers[].weight", self.weight, allow_zero=True)
 
 
 @dataclass
@@ -190,6 +212,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    # Added to the loss, each with its weight: e.g. [{name: mdr, weight: 0.1}, {name: lsd, weight: 50}].
+    regularizers: list[RegularizerConfig] = field(default_factory=list)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -29,9 +29,17 @@ from dmlgen.data.omniglot import omniglot_splits
 from dmlgen.data.samplers import ClassBalancedBatchSampler
 from dmlgen.data.splits import split_by_class_order, train_val_split
 from dmlgen.data.transforms import TransformConfig, build_transforms
-from dmlgen.engine.config import DataConfig, LossConfig, ModelConfig, OptimizerConfig, SchedulerConfig
+from dmlgen.engine.config import (
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimizerConfig,
+    RegularizerConfig,
+    SchedulerConfig,
+)
 from dmlgen.errors import ConfigError, DataError
 from dmlgen.losses import build_loss, build_miner
+from dmlgen.losses.regularizers import build_regularizer
 from dmlgen.models import EmbeddingModel, build_model
 
 
@@ -355,7 +363,8 @@ def build_model_from_config(cfg: ModelConfig, in_channels: int, *, pretrained: b
             warnings.simplefilter("ignore", UserWarning)
             return build_model(cfg.backbone, cfg.embedding_size, in_channels=in_channels,
                                head_hidden=tuple(cfg.head_hidden), normalize=cfg.normalize, weights=None,
-                               imagenet=False, freeze_bn=cfg.freeze_bn)
+                               imagenet=False, freeze_bn=cfg.freeze_bn,
+                               scale_by_mean_distance=cfg.scale_by_mean_distance)
     return build_model(
         cfg.backbone,
         cfg.embedding_size,
@@ -365,6 +374,7 @@ def build_model_from_config(cfg: ModelConfig, in_channels: int, *, pretrained: b
         weights=cfg.weights,
         imagenet=cfg.imagenet,
         freeze_bn=cfg.freeze_bn,
+        scale_by_mean_distance=cfg.scale_by_mean_distance,
     )
 
 
@@ -395,11 +405,28 @@ def build_criterion(cfg: LossConfig, num_classes: int) -> Criterion:
     return Criterion(loss, miner)
 
 
+def build_regularizers(cfgs: list[RegularizerConfig]) -> nn.ModuleDict:
+    """The configured regularizers by name (``mdr``, ``lsd``), in config order; a name may appear once."""
+    regs = nn.ModuleDict()
+    for i, rc in enumerate(cfgs):
+        if rc.name in regs:
+            raise ConfigError(f"regularizers[{i}].name: {rc.name!r} is listed twice")
+        if "weight" in rc.params:
+            raise ConfigError(f"regularizers[{i}].params.weight: set regularizers[{i}].weight instead")
+        try:
+            regs[rc.name] = build_regularizer(rc.name, weight=rc.weight, **dict(rc.params))
+        except ConfigError as exc:
+            raise ConfigError(f"regularizers[{i}]: {exc}") from None
+    return regs
+
+
 # --------------------------------------------------------------------------- optimisation
 def build_optimizer(
-    cfg: OptimizerConfig, model: EmbeddingModel, criterion: nn.Module, loss_lr: float | None = None
+    cfg: OptimizerConfig, model: EmbeddingModel, criterion: nn.Module, loss_lr: float | None = None,
+    regularizers: nn.Module | None = None,
 ) -> torch.optim.Optimizer:
-    """Parameter groups: backbone (lr × backbone_lr_scale), head (lr), loss parameters (loss_lr, no decay)."""
+    """Parameter groups: backbone (lr × backbone_lr_scale), head (lr), loss parameters (loss_lr, no decay),
+    regularizer parameters such as MDR's levels (lr and weight decay of the model, as in the MDR recipe)."""
     groups = []
     backbone = [p for p in model.backbone.parameters() if p.requires_grad]
     head = [p for p in model.head.parameters() if p.requires_grad]
@@ -413,6 +440,9 @@ def build_optimizer(
     loss_params = [p for p in criterion.parameters() if p.requires_grad]
     if loss_params:
         groups.append({"params": loss_params, "lr": loss_lr or cfg.lr, "weight_decay": 0.0, "name": "loss"})
+    reg_params = [p for p in regularizers.parameters() if p.requires_grad] if regularizers is not None else []
+    if reg_params:
+        groups.append({"params": reg_params, "lr": cfg.lr, "name": "regularizers"})
     if not groups:
         raise ConfigError("optimizer: nothing to train (every parameter is frozen)")
     if cfg.name == "adamw":

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from dmlgen.engine.config import RunConfig
 from dmlgen.engine.logging import RunLogger
+from dmlgen.engine.teacher import EpochSnapshotTeacher
 from dmlgen.engine.setup import (
     Criterion,
     DataSplits,
@@ -42,6 +43,7 @@ from dmlgen.engine.setup import (
     build_loader,
     build_model_from_config,
     build_optimizer,
+    build_regularizers,
     build_sampler,
     build_scheduler,
     build_splits,
@@ -134,6 +136,7 @@ class TrainState:
     epoch_loss_sum: float = 0.0
     epoch_images: int = 0
     epoch_seconds: float = 0.0
+    epoch_regularizer_sums: dict[str, float] = field(default_factory=dict)  # unweighted values, by name
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -211,11 +214,17 @@ class Trainer:
         self._probe_model()
         self.criterion: Criterion = build_criterion(cfg.loss, num_classes=self.splits.train.num_classes)
         self.criterion.to(self.device)
+        self.regularizers = build_regularizers(cfg.regularizers).to(self.device)
+        # LSD's teacher: the model as it was at the end of the previous epoch (invalid during epoch 0).
+        self.teacher: EpochSnapshotTeacher | None = None
+        if any(reg.needs_teacher for reg in self.regularizers.values()):
+            self.teacher = EpochSnapshotTeacher(self.model).to(self.device)
         self.sampler = build_sampler(cfg.data, self.splits.train.labels, seed=cfg.train.seed)
         self.steps_per_epoch = len(self.sampler)
         if cfg.train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
-        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.criterion, loss_lr=cfg.loss.lr)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.criterion, loss_lr=cfg.loss.lr,
+                                         regularizers=self.regularizers)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, epochs=cfg.train.epochs)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -249,6 +258,7 @@ class Trainer:
             "model_description": self.model.describe(),
             "model": self.model.state_dict(),
             "criterion": self.criterion.state_dict(),
+            "regularizers": self.regularizers.state_dict(),
             "epoch": s.epoch,
             "step_in_epoch": s.step_in_epoch,
             "global_step": s.global_step,
@@ -258,7 +268,10 @@ class Trainer:
             "class_names": [str(c) for c in self.splits.train.classes],
         }
         if full:
+            if self.teacher is not None:
+                ckpt["teacher"] = self.teacher.state_dict()
             ckpt.update(
+                epoch_regularizer_sums=dict(s.epoch_regularizer_sums),
                 optimizer=self.optimizer.state_dict(),
                 scheduler=scheduler_state(self.scheduler),
                 scaler=self.scaler.state_dict(),
@@ -310,6 +323,11 @@ class Trainer:
         try:
             self.model.load_state_dict(ckpt["model"])
             self.criterion.load_state_dict(ckpt["criterion"])
+            self.regularizers.load_state_dict(ckpt.get("regularizers", {}))
+            if self.teacher is not None:
+                if "teacher" not in ckpt:
+                    raise KeyError("the checkpoint holds no teacher snapshot")
+                self.teacher.load_state_dict(ckpt["teacher"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.sampler.load_state_dict(ckpt["sampler"])
@@ -328,6 +346,7 @@ class Trainer:
             epoch_loss_sum=float(ckpt.get("epoch_loss_sum", 0.0)),
             epoch_images=int(ckpt.get("epoch_images", 0)),
             epoch_seconds=float(ckpt.get("epoch_seconds", 0.0)),
+            epoch_regularizer_sums={k: float(v) for k, v in ckpt.get("epoch_regularizer_sums", {}).items()},
         )
         if self.state.step_in_epoch > self.steps_per_epoch:
             raise CheckpointError(
@@ -350,15 +369,38 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- training
-    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> float:
-        """One optimisation step on a batch ``images (B, C, H, W)``, ``labels (B,)``; returns the loss."""
+    def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, float]]:
+        """One optimisation step on a batch ``images (B, C, H, W)``, ``labels (B,)``.
+
+        Returns the total loss and each active regularizer's unweighted value.
+        """
         cfg = self.cfg
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
             embeddings = self.model(images)
         # Loss maths in fp32 even under AMP (methods.md §1.2).
-        loss = self.criterion(embeddings.float(), labels)
+        embeddings = embeddings.float()
+        loss = self.criterion(embeddings, labels)
+        reg_values: dict[str, torch.Tensor] = {}
+        teacher_embeddings = None
+        for name, reg in self.regularizers.items():
+            weight = reg.weight_at(self.state.epoch, cfg.train.epochs)
+            if weight == 0:
+                continue  # LSD in epoch 0 (no valid teacher yet), or a switched-off regularizer
+            if reg.needs_teacher:
+                if teacher_embeddings is None:
+                    assert self.teacher is not None
+                    if not bool(self.teacher.valid):
+                        raise CheckpointError("the LSD teacher has no snapshot after epoch 1; the run is broken")
+                    with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                        teacher_embeddings = self.teacher(images).float()
+            value = reg(embeddings, labels, teacher_embeddings)
+            reg_values[name] = value.detach()
+            loss = loss + weight * value
+            penalty = reg.penalty()
+            if penalty is not None:
+                loss = loss + penalty
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch + 1}: "
@@ -371,7 +413,7 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(self._trainable_params(), cfg.train.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return float(loss.detach()), {k: float(v) for k, v in reg_values.items()}
 
     def _train_epoch(self, logger: RunLogger) -> None:
         """Train the remaining steps of the epoch in progress (all of them, or those after a resume point)."""
@@ -381,6 +423,7 @@ class Trainer:
             return  # trained before an interruption during validation
         self.model.train()
         self.criterion.train()
+        self.regularizers.train()
         batches = SeededBatches(self.sampler, seed=cfg.train.seed, epoch=epoch, start_batch=state.step_in_epoch,
                                 num_batches=self.steps_per_epoch)
         loader = build_loader(SeededDataset(self.splits.train), batches, cfg.data.num_workers,
@@ -399,15 +442,17 @@ class Trainer:
                     self._stop_on_data_error(exc, logger)
                 # The step's own randomness (dropout, random miners) depends on (seed, epoch, step) only.
                 torch.manual_seed(_step_seed(cfg.train.seed, epoch, state.step_in_epoch))
-                value = self._train_step(images, labels)
+                value, reg_values = self._train_step(images, labels)
                 state.epoch_loss_sum += value
+                for name, reg_value in reg_values.items():
+                    state.epoch_regularizer_sums[name] = state.epoch_regularizer_sums.get(name, 0.0) + reg_value
                 state.epoch_images += int(images.shape[0])
                 state.step_in_epoch += 1
                 state.global_step += 1
                 if state.global_step % cfg.train.log_every == 0:
                     lr = self.optimizer.param_groups[0]["lr"]
-                    logger.event("step", epoch=epoch + 1, step=state.global_step, loss=value, lr=lr)
-                    logger.scalars("train", {"loss": value, "lr": lr}, state.global_step)
+                    logger.event("step", epoch=epoch + 1, step=state.global_step, loss=value, lr=lr, **reg_values)
+                    logger.scalars("train", {"loss": value, "lr": lr, **reg_values}, state.global_step)
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update(1)
                 self._guard.check()
@@ -438,6 +483,7 @@ class Trainer:
             "epoch": state.epoch + 1,
             "train_loss": state.epoch_loss_sum / max(steps, 1),
             "train_steps": steps,
+            **{f"train_{k}": v / max(steps, 1) for k, v in state.epoch_regularizer_sums.items()},
             "lr": self.optimizer.param_groups[0]["lr"],
             "train_seconds": state.epoch_seconds,
             "images_per_second": state.epoch_images / state.epoch_seconds if state.epoch_seconds > 0 else 0.0,
@@ -450,10 +496,13 @@ class Trainer:
         if improved:
             state.best_score = score if score is not None else -math.inf
             state.best_epoch = state.epoch + 1
+        if self.teacher is not None:
+            self.teacher.refresh(self.model)  # the next epoch distils from this epoch's final weights
         self.scheduler.step()
         state.epoch += 1
         state.step_in_epoch = 0
         state.epoch_loss_sum, state.epoch_images, state.epoch_seconds = 0.0, 0, 0.0
+        state.epoch_regularizer_sums = {}
         if improved:
             self._save(self._checkpoint(full=False), BEST)
         self.save_last()

@@ -23,7 +23,9 @@ class EmbeddingHead(nn.Module):
     Layers: for each ``h`` in ``hidden_sizes``: [Dropout] -> Linear(h) -> [BatchNorm1d] -> ReLU; then
     [Dropout] -> Linear(embedding_size). Dropout (when ``dropout > 0``) acts on the input of every linear
     layer; BatchNorm only follows hidden layers (``batch_norm=True``). With ``normalize=True`` every
-    output row has unit L2 norm.
+    output row has unit L2 norm. With ``scale_by_mean_distance=True`` (MDR's "learning without L2 norm",
+    methods.md §3.2) a training batch is divided by its mean pairwise distance, gradients flowing through
+    the divisor, so its mean off-diagonal distance is 1; evaluation returns the unscaled output.
     """
 
     def __init__(
@@ -34,8 +36,11 @@ class EmbeddingHead(nn.Module):
         normalize: bool = True,
         dropout: float = 0.0,
         batch_norm: bool = False,
+        scale_by_mean_distance: bool = False,
     ) -> None:
         super().__init__()
+        if normalize and scale_by_mean_distance:
+            raise ConfigError("head: scale_by_mean_distance replaces the L2 normalisation; use normalize=False")
         self.in_features = _check_positive("in_features", in_features)
         self.embedding_size = _check_positive("embedding_size", embedding_size)
         if isinstance(hidden_sizes, (str, bytes)) or not isinstance(hidden_sizes, Sequence):
@@ -46,6 +51,7 @@ class EmbeddingHead(nn.Module):
         self.normalize = bool(normalize)
         self.dropout = float(dropout)
         self.batch_norm = bool(batch_norm)
+        self.scale_by_mean_distance = bool(scale_by_mean_distance)
 
         layers: list[nn.Module] = []
         width = self.in_features
@@ -65,11 +71,26 @@ class EmbeddingHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, in_features)`` -> ``(N, embedding_size)``, unit rows when ``normalize``."""
         out = self.layers(features)
+        if self.scale_by_mean_distance and self.training:
+            return scale_by_mean_distance(out)
         # eps keeps an all-zero row finite (it stays zero) instead of producing NaN.
         return F.normalize(out, p=2.0, dim=1, eps=1e-12) if self.normalize else out
 
     def extra_repr(self) -> str:
-        return f"normalize={self.normalize}"
+        extra = ", scale_by_mean_distance=True" if self.scale_by_mean_distance else ""
+        return f"normalize={self.normalize}{extra}"
 
 
-__all__ = ["EmbeddingHead"]
+def scale_by_mean_distance(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``x (N, D) / mean_{j != k} |x_j - x_k|`` (not detached); a batch of one row is returned as is."""
+    n = x.shape[0]
+    if n < 2:
+        return x
+    sq = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(dim=2)
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    # The clamp keeps sqrt's gradient finite for duplicate rows (methods.md §1.2.1).
+    mean_distance = sq[off].clamp_min(1e-12).sqrt().mean()
+    return x / (mean_distance + eps)
+
+
+__all__ = ["EmbeddingHead", "scale_by_mean_distance"]

@@ -95,6 +95,7 @@ class EmbeddingModel(nn.Module):
             "head_hidden": list(self.head.hidden_sizes),
             "head_batch_norm": self.head.batch_norm,
             "normalize": self.head.normalize,
+            **({"scale_by_mean_distance": True} if self.head.scale_by_mean_distance else {}),
             "num_parameters": sum(p.numel() for p in self.parameters()),
         }
 
@@ -111,6 +112,7 @@ def build_model(
     freeze_bn: bool = False,
     head_batch_norm: bool = False,
     head_dropout: float = 0.0,
+    scale_by_mean_distance: bool = False,
 ) -> EmbeddingModel:
     """Registered backbone ``backbone`` + :class:`EmbeddingHead` to ``embedding_size`` dimensions.
 
@@ -122,7 +124,7 @@ def build_model(
     )
     head = EmbeddingHead(
         out_features, embedding_size, hidden_sizes=head_hidden, normalize=normalize, dropout=head_dropout,
-        batch_norm=head_batch_norm,
+        batch_norm=head_batch_norm, scale_by_mean_distance=scale_by_mean_distance,
     )
     return EmbeddingModel(module, head)
 
