@@ -387,3 +387,36 @@ def test_regularizer_config_errors(tmp_path) -> None:
         _tiny_run_config(tmp_path, "regularizers=[{name: lsd, weight: -1}]")
     with pytest.raises(ConfigError, match="normalize: false"):
         _tiny_run_config(tmp_path, "model.scale_by_mean_distance=true")
+
+
+# ----------------------------------------------------------------------------------------------- any loss
+def _registered_losses() -> list[str]:
+    from dmlgen.losses import LOSSES
+
+    return sorted(LOSSES)
+
+
+@pytest.mark.parametrize("loss_name", _registered_losses())
+def test_every_registered_loss_combines_with_mdr_and_lsd(loss_name: str) -> None:
+    import inspect
+
+    from dmlgen.losses import LOSSES, build_loss
+
+    params: dict = {}
+    accepted = inspect.signature(LOSSES[loss_name]).parameters
+    if "num_classes" in accepted:
+        params["num_classes"] = 4
+    if "embedding_size" in accepted:
+        params["embedding_size"] = 8
+    loss = build_loss(loss_name, **params)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 8, generator=g, requires_grad=True)
+    labels = torch.arange(4).repeat_interleave(4)
+    teacher = x.detach() + 0.3 * torch.randn(16, 8, generator=g)
+    mdr, lsd = MDRRegularizer(weight=0.2), ListwiseSelfDistillation(weight=50.0)
+    base = loss(x, labels)
+    (grad_base,) = torch.autograd.grad(base, x, retain_graph=True)
+    total = base + mdr.weight * mdr(x) + mdr.penalty() + lsd.weight_at(1, 2) * lsd(x, labels, teacher)
+    (grad_total,) = torch.autograd.grad(total, x)
+    assert torch.isfinite(total) and torch.isfinite(grad_total).all()
+    assert not torch.allclose(grad_total, grad_base)  # both regularizers reach the embeddings

@@ -1,0 +1,80 @@
+"""MDR and LSD on Omniglot: each regularizer against its base loss, same budget, several seeds.
+
+Variants (configs/omniglot/*.yaml; the triplet rows use MDR's recipe: mean-distance-scaled embeddings
+without L2 norm, distance-weighted sampling, triplet margin 0.2):
+
+  triplet              triplet_mdr.yaml with no regularizer (the recipe's "Triplet" baseline)
+  triplet+mdr          triplet_mdr.yaml
+  ms                   multi_similarity.yaml
+  ms+lsd               multi_similarity_lsd.yaml
+  ms+mdr+lsd           multi_similarity_mdr_lsd.yaml
+
+Test metrics: Recall@1, MAP@R, NMI and the spectral decay ρ (mode 1) of the test embeddings, mean ± 95% CI.
+
+Weight sweep (validation split only, one seed): ``--sweep mdr 0.05 0.1 0.2 0.4`` or ``--sweep lsd 10 50 200``
+prints the validation MAP@R of the selected epoch for each weight; test numbers are not looked at.
+
+Run:  .venv/bin/python benchmarks/omniglot_regularizers.py [--seeds 0 1 2] [--out runs/bench-regularizers]
+      [--variants ...] [--set key=value ...] [--sweep mdr|lsd W ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _sweep import Variant, markdown_table, mean_ci, run_variants  # noqa: E402
+
+TEST_METRICS = "eval.test_metrics=[recall, precision@1, r_precision, map@r, nmi, ami, rho]"
+VARIANTS = {
+    "triplet": Variant("triplet", "configs/omniglot/triplet_mdr.yaml", ("regularizers=[]",)),
+    "triplet+mdr": Variant("triplet+mdr", "configs/omniglot/triplet_mdr.yaml"),
+    "ms": Variant("ms", "configs/omniglot/multi_similarity.yaml"),
+    "ms+lsd": Variant("ms+lsd", "configs/omniglot/multi_similarity_lsd.yaml"),
+    "ms+mdr+lsd": Variant("ms+mdr+lsd", "configs/omniglot/multi_similarity_mdr_lsd.yaml"),
+}
+SWEEPS = {  # regularizer -> (config, how its weight is set)
+    "mdr": ("configs/omniglot/triplet_mdr.yaml", "regularizers=[{{name: mdr, weight: {w}}}]"),
+    "lsd": ("configs/omniglot/multi_similarity_lsd.yaml", "regularizers=[{{name: lsd, weight: {w}}}]"),
+}
+METRICS = ("recall@1", "map@r", "nmi", "rho@1")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/bench-regularizers")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--sweep", nargs="+", metavar=("REGULARIZER", "WEIGHT"),
+                        help="validation sweep of one regularizer's weight (seed: the first of --seeds)")
+    args = parser.parse_args()
+
+    if args.sweep:
+        name, weights = args.sweep[0], args.sweep[1:]
+        if name not in SWEEPS or not weights:
+            raise SystemExit(f"--sweep takes one of {', '.join(SWEEPS)} and at least one weight")
+        config, template = SWEEPS[name]
+        variants = [Variant(f"{name}-w{w}", config, (template.format(w=w),)) for w in weights]
+        results = run_variants(variants, args.seeds[:1], Path(args.out) / "sweep", args.overrides)
+        print(f"\nvalidation MAP@R of the selected epoch, seed {args.seeds[0]} ({name} weight sweep)")
+        for v in variants:
+            run = json.loads((Path(args.out) / "sweep" / f"{v.name}-seed{args.seeds[0]}" / "test_metrics.json")
+                             .read_text())
+            print(f"| {v.name} | {100 * run['val_score']:.2f} | epoch {run['selected_epoch']} |")
+        return
+
+    results = run_variants([VARIANTS[v] for v in args.variants], args.seeds, args.out,
+                           [TEST_METRICS, *args.overrides])
+    print(f"\nOmniglot evaluation set (659 unseen classes), seeds {args.seeds}, mean ± 95% CI")
+    print(markdown_table(results, METRICS))
+    walls = {name: mean_ci([r["wall_seconds"] for r in rows])[0] for name, rows in results.items()}
+    print("mean wall seconds per run: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
+    (Path(args.out) / "summary.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
