@@ -31,9 +31,13 @@ class DataConfig:
     (``path,label[,split]``) or ``npz`` (arrays ``images``, ``labels``). Without ``test_path`` (and
     without a ``split`` column) the classes are split by order: the first ``train_class_fraction``
     train, the rest test. Validation classes are always taken from the training classes.
+    ``cub200``, ``cars196``, ``sop``, ``inshop``, ``cifar10``, ``cifar100``: the benchmark's original files
+    under ``path`` with its standard class-disjoint train / test split (In-Shop: test = query, plus a
+    gallery); see docs/datasets.md.
     """
 
-    dataset: Literal["omniglot", "image_folder", "csv", "npz"] = "omniglot"
+    dataset: Literal["omniglot", "image_folder", "csv", "npz",
+                     "cub200", "cars196", "sop", "inshop", "cifar10", "cifar100"] = "omniglot"
     path: str | None = None
     test_path: str | None = None
     train_class_fraction: float = 0.5
@@ -60,6 +64,9 @@ class DataConfig:
     def validate(self) -> None:
         if self.dataset != "omniglot" and not self.path:
             raise ConfigError(f"data.path: required for dataset {self.dataset!r}")
+        if self.test_path and self.dataset not in ("omniglot", "image_folder", "csv", "npz"):
+            raise ConfigError(f"data.test_path: not used by dataset {self.dataset!r}, whose test split is fixed; "
+                              "remove it")
         if not 0.0 < self.train_class_fraction < 1.0:
             raise ConfigError(f"data.train_class_fraction: must be in (0, 1), got {self.train_class_fraction}")
         if not 0.0 <= self.val_class_fraction < 1.0:

@@ -28,6 +28,7 @@ from dmlgen.data.datasets import (
 from dmlgen.data.omniglot import omniglot_splits
 from dmlgen.data.samplers import ClassBalancedBatchSampler
 from dmlgen.data.splits import split_by_class_order, train_val_split
+from dmlgen.data.standard import STANDARD_DATASETS, load_standard
 from dmlgen.data.transforms import TransformConfig, build_transforms
 from dmlgen.engine.config import (
     DataConfig,
@@ -38,7 +39,8 @@ from dmlgen.engine.config import (
     SchedulerConfig,
 )
 from dmlgen.errors import ConfigError, DataError
-from dmlgen.losses import build_loss, build_miner
+from dmlgen.losses import LOSSES, build_loss, build_miner
+from dmlgen.losses._checks import accepted_params
 from dmlgen.losses.regularizers import build_regularizer
 from dmlgen.models import EmbeddingModel, build_model
 
@@ -75,6 +77,8 @@ class DataSplits:
 
     ``skipped`` lists the image files left out under ``data.on_corrupt_image: skip`` as ``(path, reason)``;
     ``dropped_classes`` the training classes left out under ``data.single_image_classes: drop``.
+    ``gallery``: for query-vs-gallery benchmarks (In-Shop) the gallery, with ``test`` the queries; the final
+    test evaluation then ranks the gallery for each query instead of leave-one-out within ``test``.
     """
 
     train: Any
@@ -82,10 +86,11 @@ class DataSplits:
     test: Any
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dropped_classes: list[str] = field(default_factory=list)
+    gallery: Any | None = None
 
     def summary(self) -> dict[str, int]:
         out = {}
-        for name in ("train", "val", "test"):
+        for name in ("train", "val", "test") + (("gallery",) if self.gallery is not None else ()):
             ds = getattr(self, name)
             out[f"{name}_images"] = 0 if ds is None else len(ds)
             out[f"{name}_classes"] = 0 if ds is None else int(ds.num_classes)
@@ -141,6 +146,8 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     Omniglot: background alphabets minus ``val_alphabets`` train, the held-out alphabets validate, the
     evaluation set tests. Other datasets: ``test_path``, a CSV ``split`` column, or the class order
     (``train_class_fraction``) gives train / test; ``val_class_fraction`` of the training classes validate.
+    Standard benchmarks (``cub200``, ``cars196``, ``sop``, ``inshop``, ``cifar10``, ``cifar100``): their fixed
+    train / test split (:mod:`dmlgen.data.standard`); In-Shop adds the gallery, with ``test`` the queries.
     """
     if cfg.dataset == "omniglot":
         train_tf = build_transforms(cfg.train_transforms, train=True)
@@ -167,7 +174,11 @@ def build_splits(cfg: DataConfig) -> DataSplits:
         return csv_dataset(path, split=split, **kwargs)
 
     assert cfg.path is not None  # DataConfig.validate
-    if cfg.test_path:
+    gallery = None
+    if cfg.dataset in STANDARD_DATASETS:
+        std = load_standard(cfg.dataset, cfg.path, channels=cfg.channels, on_error=cfg.on_corrupt_image)
+        full_train, test, gallery, skipped = std.train, std.test, std.gallery, list(std.skipped)
+    elif cfg.test_path:
         full_train, test = load(cfg.path), load(cfg.test_path)
         skipped = list(getattr(full_train, "skipped", [])) + list(getattr(test, "skipped", []))
     elif cfg.dataset == "csv" and _csv_has_split_column(cfg.path):
@@ -196,9 +207,16 @@ def build_splits(cfg: DataConfig) -> DataSplits:
         train, val = full_train.subset(np.arange(len(full_train)), transform=train_tf), None
     train = _first_classes(train, cfg.max_classes)
     test = _first_classes(test.subset(np.arange(len(test)), transform=eval_tf), cfg.max_classes)
+    if gallery is not None:
+        # The gallery follows the queries' classes (max_classes cuts both alike); other items stay distractors.
+        keep = np.ones(len(gallery), dtype=bool) if cfg.max_classes is None else \
+            np.isin(gallery.classes[gallery.labels], test.classes)
+        if not keep.any():
+            raise DataError(f"{_source(cfg)}: no gallery image of the first {cfg.max_classes} query classes")
+        gallery = gallery.subset(np.flatnonzero(keep), transform=eval_tf)
     train, dropped = _check_single_image_classes(train, cfg)
     _check_channels(train, cfg)
-    return DataSplits(train=train, val=val, test=test, skipped=skipped, dropped_classes=dropped)
+    return DataSplits(train=train, val=val, test=test, skipped=skipped, dropped_classes=dropped, gallery=gallery)
 
 
 def _check_channels(dataset: Any, cfg: DataConfig) -> None:
@@ -391,11 +409,38 @@ class Criterion(nn.Module):
         return self.loss(embeddings, labels, indices)
 
 
-def build_criterion(cfg: LossConfig, num_classes: int) -> Criterion:
-    """Loss (and miner) from the registries; ``num_classes`` is for losses with per-class parameters."""
-    del num_classes  # no registered loss has per-class parameters yet (proxies, per-class margins)
+def _loss_params(cfg: LossConfig, num_classes: int, embedding_size: int | None) -> dict[str, Any]:
+    """``loss.params`` plus the training split's ``num_classes`` and the model's ``embedding_size`` for losses
+    with per-class parameters (proxies, margin β) that do not set them; a value that disagrees is an error."""
+    params = dict(cfg.params)
+    factory = LOSSES.get(cfg.name)
+    accepted = accepted_params(factory) if factory is not None else []
+    injected = {"num_classes": num_classes, "embedding_size": embedding_size}
+    for key, actual in injected.items():
+        if key not in accepted or actual is None:
+            continue
+        if key not in params:
+            params[key] = actual
+        elif params[key] is not None and params[key] != actual:
+            # `num_classes: null` is left alone: the margin loss then shares one β across classes.
+            source = "the training split has" if key == "num_classes" else "model.embedding_size is"
+            raise ConfigError(
+                f"loss.params.{key}: {params[key]!r} is configured but {source} {actual}; remove the key "
+                "(it is filled in) or make them agree"
+            )
+    return params
+
+
+def build_criterion(cfg: LossConfig, num_classes: int, embedding_size: int | None = None) -> Criterion:
+    """Loss (and miner) from the registries.
+
+    Losses with per-class parameters (``num_classes``: proxies, margin β; ``embedding_size``: proxies) get
+    the training split's number of classes and the model's embedding size unless ``loss.params`` sets them;
+    a configured value that differs raises a ConfigError naming both numbers.
+    """
+    params = _loss_params(cfg, num_classes, embedding_size)
     try:
-        loss = build_loss(cfg.name, **dict(cfg.params))
+        loss = build_loss(cfg.name, **params)
     except ConfigError as exc:
         raise ConfigError(f"loss.name / loss.params: {exc}") from None
     try:

@@ -30,6 +30,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from dmlgen.data.standard import shared_class_codes
 from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from dmlgen.engine.config import RunConfig
 from dmlgen.engine.logging import RunLogger
@@ -185,6 +186,18 @@ def _check_eval_split(name: str, dataset: Any, ks: list[int]) -> None:
         )
 
 
+def _check_query_gallery(query: Any, gallery: Any, ks: list[int]) -> None:
+    """Fail before training when queries vs gallery (In-Shop) cannot be scored."""
+    q_codes, g_codes = shared_class_codes(query, gallery)
+    if not np.isin(q_codes, g_codes).any():
+        raise DataError(
+            f"no test query class has a gallery image ({len(query)} queries, {len(gallery)} gallery images); "
+            "check data.max_classes"
+        )
+    if len(gallery) < max(ks):
+        raise DataError(f"the gallery has {len(gallery)} images, too few for Recall@{max(ks)} (eval.ks={ks})")
+
+
 class Trainer:
     """Trains one :class:`RunConfig`; :meth:`fit` returns the test result of the selected checkpoint.
 
@@ -206,13 +219,17 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
         self.splits = splits if splits is not None else build_splits(cfg.data)
+        self.gallery = getattr(self.splits, "gallery", None)
         for name in ("val", "test"):
-            if getattr(self.splits, name) is not None:
+            if name == "test" and self.gallery is not None:
+                _check_query_gallery(self.splits.test, self.gallery, cfg.eval.ks)
+            elif getattr(self.splits, name) is not None:
                 _check_eval_split(name, getattr(self.splits, name), cfg.eval.ks)
         self.model = build_model_from_config(cfg.model, in_channels=cfg.data.channels, pretrained=pretrained)
         self.model.to(self.device)
         self._probe_model()
-        self.criterion: Criterion = build_criterion(cfg.loss, num_classes=self.splits.train.num_classes)
+        self.criterion: Criterion = build_criterion(cfg.loss, num_classes=self.splits.train.num_classes,
+                                                    embedding_size=cfg.model.embedding_size)
         self.criterion.to(self.device)
         self.regularizers = build_regularizers(cfg.regularizers).to(self.device)
         # LSD's teacher: the model as it was at the end of the previous epoch (invalid during epoch 0).
@@ -357,15 +374,26 @@ class Trainer:
 
     # ----------------------------------------------------------------- evaluation
     def _evaluate(self, model: torch.nn.Module, split: str, metrics: list[str] | None) -> dict[str, float]:
+        """Leave-one-out within ``split``; the test split with a gallery (In-Shop): queries vs gallery."""
         dataset = getattr(self.splits, split)
-        emb, labels = embed_dataset(
-            model, dataset, batch_size=self.cfg.eval.batch_size, device=self.device,
-            num_workers=self.cfg.data.num_workers, progress=self.progress, desc=f"embedding {split}",
-            should_stop=lambda: self._guard.requested,
-        )
+
+        def embed(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            return embed_dataset(
+                model, ds, batch_size=self.cfg.eval.batch_size, device=self.device,
+                num_workers=self.cfg.data.num_workers, progress=self.progress, desc=f"embedding {name}",
+                should_stop=lambda: self._guard.requested,
+            )
+
+        emb, labels = embed(dataset, split)
+        gallery_emb = gallery_labels = None
+        if split == "test" and self.gallery is not None:
+            gallery_emb, gallery_labels = embed(self.gallery, "gallery")
+            # Each split numbers its classes 0..C-1 on its own: map both onto codes of the original ids.
+            q_codes, g_codes = shared_class_codes(dataset, self.gallery)
+            labels, gallery_labels = torch.from_numpy(q_codes)[labels], torch.from_numpy(g_codes)[gallery_labels]
         return evaluate_embeddings(
-            emb, labels, metrics=metrics, ks=tuple(self.cfg.eval.ks), metric=self.cfg.eval.distance,
-            seed=self.cfg.train.seed,
+            emb, labels, gallery_emb, gallery_labels, metrics=metrics, ks=tuple(self.cfg.eval.ks),
+            metric=self.cfg.eval.distance, seed=self.cfg.train.seed,
         )
 
     # ----------------------------------------------------------------- training
