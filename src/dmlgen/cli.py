@@ -383,9 +383,147 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- index / search / export
+def _add_index(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "index",
+        help="build a search index of an image folder with a trained checkpoint",
+        description="Embed every image below --images with the checkpoint (its eval transforms) and write the "
+        "index folder --out: index.json (model hash, settings, paths, class folder names), embeddings.npy and, "
+        "for ivf / hnsw, faiss.index. Approximate kinds store their recall@10 against exact search. "
+        "Query it with dmlgen search.",
+    )
+    p.add_argument("--checkpoint", metavar="CKPT", required=True,
+                   help="a checkpoint of dmlgen train (best.ckpt, last.ckpt) or a .safetensors export")
+    p.add_argument("--images", metavar="DIR", required=True,
+                   help="gallery folder; images in sub-folders are labelled with the sub-folder (class) name")
+    p.add_argument("--out", metavar="INDEX_DIR", required=True, help="index folder to write")
+    p.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact",
+                   help="exact (torch kNN), ivf or hnsw (faiss, approximate; default: exact)")
+    p.add_argument("--metric", choices=("euclidean", "cosine", "inner_product"),
+                   help="ranking distance (default: the run's eval.distance)")
+    p.add_argument("--nlist", type=int, metavar="N", help="ivf: number of cells (default: about 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, metavar="N", help="ivf: cells searched per query (default: nlist / 8)")
+    p.add_argument("--hnsw-m", type=int, metavar="M", help="hnsw: neighbours per node (default: 32)")
+    p.add_argument("--ef-search", type=int, metavar="N", help="hnsw: search candidates (default: 64)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index folder")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default: eval.batch_size)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(handler=_run_index)
+
+
+def _run_index(args: argparse.Namespace) -> int:
+    from dmlgen.deploy.index import build_index
+
+    given = {"--nlist": args.nlist, "--nprobe": args.nprobe, "--hnsw-m": args.hnsw_m, "--ef-search": args.ef_search}
+    own = {"ivf": ("--nlist", "--nprobe"), "hnsw": ("--hnsw-m", "--ef-search")}.get(args.kind, ())
+    foreign = [flag for flag, value in given.items() if value is not None and flag not in own]
+    if foreign:
+        raise ConfigError(f"{', '.join(foreign)}: not a setting of a --kind {args.kind} index")
+    hnsw = {k: v for k, v in (("hnsw_m", args.hnsw_m), ("ef_search", args.ef_search)) if v is not None}
+    start = time.perf_counter()
+    meta = build_index(args.checkpoint, args.images, args.out, kind=args.kind, metric=args.metric, nlist=args.nlist,
+                       nprobe=args.nprobe, batch_size=args.batch_size, device=args.device, overwrite=args.overwrite,
+                       progress=not args.no_progress, **hnsw)
+    classes = {label for label in meta["labels"] if label is not None}
+    params = ", ".join(f"{k} {v}" for k, v in meta["params"].items() if k != "seed")
+    print(f"wrote {args.out}: {meta['num_items']} images ({meta['embedding_size']}-d, {len(classes)} class folders), "
+          f"{meta['kind']} index{f' ({params})' if params else ''}, {meta['metric']} distance; "
+          f"{time.perf_counter() - start:.1f} s")
+    recall = meta["recall"]
+    if recall is not None:
+        print(f"recall@{recall['k']} against exact search: {recall['recall']:.4f} "
+              f"({recall['num_queries']} gallery images as queries, leave-one-out)")
+    return 0
+
+
+def _add_search(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "search",
+        help="find the gallery images of an index closest to query images",
+        description="Embed the QUERY images (files or folders) with the index's model and print the k nearest "
+        "gallery images (rank, distance, path, class folder), or write them to --out as CSV "
+        "(query,rank,path,label,distance). The checkpoint must be the one the index was built with.",
+    )
+    p.add_argument("queries", metavar="QUERY", nargs="+", help="query image files or folders")
+    p.add_argument("--index", metavar="INDEX_DIR", required=True, help="a folder written by dmlgen index")
+    p.add_argument("--checkpoint", metavar="CKPT", help="the index's model (default: the path recorded in the index)")
+    p.add_argument("-k", "--k", dest="k", type=int, default=5, help="results per query (default: 5)")
+    p.add_argument("--out", metavar="FILE.csv", help="write the results as CSV instead of printing them")
+    p.add_argument("--nprobe", type=int, metavar="N", help="ivf: cells searched per query (default: the index's)")
+    p.add_argument("--ef-search", type=int, metavar="N", help="hnsw: search candidates (default: the index's)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="images per forward pass (default: eval.batch_size)")
+    p.set_defaults(handler=_run_search)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from dmlgen.deploy.index import search
+
+    result = search(args.index, args.queries, args.k, checkpoint=args.checkpoint, batch_size=args.batch_size,
+                    device=args.device, nprobe=args.nprobe, ef_search=args.ef_search)
+    if args.out:
+        path = result.write_csv(args.out)
+        print(f"wrote {path}: top {args.k} of {len(result.query_paths)} queries ({result.metric} distance)")
+        return 0
+    for qi, query in enumerate(result.query_paths):
+        print(f"query {query}")
+        for rank in range(result.indices.shape[1]):
+            label = result.labels[qi][rank]
+            print(f"  {rank + 1:>3}  {result.distances[qi, rank]:.4f}  {result.paths[qi][rank]}"
+                  f"{'' if label is None else f'  [{label}]'}")
+    return 0
+
+
+def _add_export(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained embedding model (TorchScript, ONNX) or its weights (safetensors)",
+        description="torchscript / onnx: the eval-mode model images (N, C, H, W) -> embeddings (N, D), N "
+        "dynamic, checked against the PyTorch model on random images (max abs diff <= --atol). safetensors: "
+        "the weights plus a sidecar JSON (same name, .json) with the run config; the pair loads wherever a "
+        "checkpoint does (dmlgen evaluate / embed / index --checkpoint).",
+    )
+    p.add_argument("--checkpoint", metavar="CKPT", required=True, help="a checkpoint of dmlgen train")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx", "safetensors"), help="output format")
+    p.add_argument("--out", metavar="PATH", required=True, help="output file (.pt, .onnx, .safetensors)")
+    p.add_argument("--image-size", type=int, metavar="N",
+                   help="side of the example images (default: the size of the eval transforms' output)")
+    p.add_argument("--opset", type=int, metavar="N", help="onnx: opset version (default: the exporter's)")
+    p.add_argument("--atol", type=float, default=1e-4, help="largest accepted |export - PyTorch| (default: 1e-4)")
+    p.set_defaults(handler=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from dmlgen.deploy.export import export_onnx, export_torchscript, save_weights_safetensors
+
+    if args.format == "safetensors":
+        flags = [f for f, v in (("--image-size", args.image_size), ("--opset", args.opset)) if v is not None]
+        if flags:
+            raise ConfigError(f"{', '.join(flags)}: only for --format torchscript / onnx")
+        info = save_weights_safetensors(args.checkpoint, args.out)
+        print(f"wrote {info['path']} ({info['num_tensors']} tensors) and {info['sidecar']}; model {info['model_hash']}")
+        return 0
+    if not args.atol > 0:
+        raise ConfigError(f"--atol: must be > 0, got {args.atol}")
+    if args.format == "onnx":
+        info = export_onnx(args.checkpoint, args.out, args.image_size, opset=args.opset, atol=args.atol)
+        checked = f" with {info['checked_with']}"
+    else:
+        if args.opset is not None:
+            raise ConfigError("--opset: only for --format onnx")
+        info = export_torchscript(args.checkpoint, args.out, args.image_size, atol=args.atol)
+        checked = ""
+    shape = ", ".join(str(s) for s in info["input_shape"])
+    print(f"wrote {info['path']} ({args.format}): images ({shape}) -> embeddings (N, {info['output_shape'][1]}); "
+          f"max |export - PyTorch| = {info['max_abs_diff']:.2g}{checked}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
-    _add_train, _add_evaluate, _add_embed, _add_report, _add_demo,
+    _add_train, _add_evaluate, _add_embed, _add_report, _add_demo, _add_index, _add_search, _add_export,
 )
 
 

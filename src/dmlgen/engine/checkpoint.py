@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,15 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch raises several types for corrupt or foreign files
+        text = str(exc)
+        if "Weights only load failed" in text:
+            # torch's own message suggests weights_only=False, i.e. running the file's code: never do that.
+            found = re.search(r"GLOBAL ([\w.]+)", text)
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"checkpoint {path} holds Python objects other than tensors and plain data{what}; dmlgen refuses "
+                "to load it because unpickling them could run code from the file"
+            ) from None
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}".split("\n")[0]) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a dmlgen checkpoint (format {CHECKPOINT_FORMAT})")

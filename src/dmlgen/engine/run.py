@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -70,8 +72,54 @@ def train_baseline(name: str, out_dir: str | Path, overrides: Sequence[str] = ()
 
 
 # --------------------------------------------------------------------------- trained models
+SAFETENSORS_SIDECAR_FORMAT = "dmlgen-safetensors-1"
+
+
+def safetensors_sidecar(path: str | Path) -> Path:
+    """The JSON file next to ``weights.safetensors`` that holds its run config: ``weights.json``."""
+    return Path(path).with_suffix(".json")
+
+
+def _load_safetensors_checkpoint(path: Path) -> dict[str, Any]:
+    """A ``.safetensors`` weights file plus its sidecar JSON (written by ``dmlgen export --format
+    safetensors``) as a checkpoint dict with ``config``, ``model`` and ``model_description``. Neither file
+    can hold code; the sidecar's SHA-256 of the weights ties the pair together."""
+    sidecar = safetensors_sidecar(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if not sidecar.is_file():
+        raise CheckpointError(f"checkpoint {path}: its sidecar {sidecar} (run config and model description) is "
+                              "missing; dmlgen export --format safetensors writes both")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} or its sidecar {sidecar} cannot be read: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != SAFETENSORS_SIDECAR_FORMAT:
+        raise CheckpointError(f"{sidecar} is not a dmlgen safetensors sidecar ({SAFETENSORS_SIDECAR_FORMAT})")
+    if meta.get("weights_sha256") != hashlib.sha256(data).hexdigest():
+        raise CheckpointError(f"checkpoint {path} does not match its sidecar {sidecar} (the weights' SHA-256 "
+                              "differs): one of the two was replaced")
+    try:
+        from safetensors.torch import load as load_safetensors
+    except ImportError:
+        raise CheckpointError(f"checkpoint {path}: reading .safetensors needs the safetensors package: "
+                              "pip install 'dmlgen[export]'") from None
+    try:
+        weights = load_safetensors(data)
+    except Exception as exc:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}".split("\n")[0]) from None
+    missing = [k for k in ("config", "model_description") if not isinstance(meta.get(k), dict)]
+    if missing:
+        raise CheckpointError(f"sidecar {sidecar} lacks {', '.join(missing)}")
+    return {"config": meta["config"], "model": weights, "model_description": meta["model_description"]}
+
+
 def _load_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
-    ckpt = load_checkpoint(path, map_location="cpu")
+    if Path(path).suffix.lower() == ".safetensors":
+        ckpt = _load_safetensors_checkpoint(Path(path))
+    else:
+        ckpt = load_checkpoint(path, map_location="cpu")
     missing = [k for k in ("config", "model", "model_description") if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}; it was not written by dmlgen train")
@@ -83,8 +131,8 @@ def _load_run_checkpoint(path: str | Path) -> tuple[dict[str, Any], RunConfig]:
 
 
 def load_trained_model(path: str | Path, device: str = "cpu") -> tuple[EmbeddingModel, RunConfig]:
-    """Rebuild the model stored in a checkpoint (``best.ckpt`` or ``last.ckpt``) and return it in eval mode
-    with its run config.
+    """Rebuild the model stored in a checkpoint (``best.ckpt`` or ``last.ckpt``, or a ``.safetensors`` export
+    with its sidecar JSON) and return it in eval mode with its run config.
 
     The architecture comes from the checkpoint's own config; no pretrained weights are read or downloaded
     (every weight comes from the checkpoint). Weights of another architecture are a CheckpointError naming
