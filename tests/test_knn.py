@@ -479,3 +479,21 @@ def test_ties_at_the_kth_group_maximum_widen_the_kept_groups(monkeypatch):
         res = knn(x, None, k, metric="squared_euclidean", block_size=37)
         np.testing.assert_array_equal(res.indices.numpy(), naive_rows(x, x, range(300), k, loo=True))
     assert max(kept) > 0  # the widened path ran
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_returned_euclidean_distances_are_exact_for_duplicates(backend):
+    """The ranking score loses small distances to cancellation; knn() recomputes them: a duplicate is at
+    exactly 0 and every distance matches a float64 computation."""
+    if backend == "faiss":
+        pytest.importorskip("faiss")
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(300, 64, generator=g) * 10
+    x[150:] = x[:150]  # every row has a duplicate
+    for metric in ("euclidean", "squared_euclidean"):
+        res = knn(x, None, 4, metric=metric, backend=backend)
+        assert bool((res.distances[:, 0] == 0).all())
+        d64 = (x.double()[:, None, :] - x.double()[res.indices]).pow(2).sum(-1)
+        want = d64.sqrt() if metric == "euclidean" else d64
+        np.testing.assert_allclose(res.distances.double().numpy(), want.numpy(), rtol=1e-5, atol=1e-4)
+        assert bool((res.distances[:, 1:] >= res.distances[:, :-1]).all())

@@ -283,15 +283,38 @@ def knn(
     if r is not None and r.shape[1] != q.shape[1]:
         raise DataError(f"queries are {q.shape[1]}-d but references are {r.shape[1]}-d")
     if backend == "faiss":
-        return _faiss_knn(q, r, k, metric)
-    if backend != "torch":
+        result = _faiss_knn(q, r, k, metric)
+    elif backend == "torch":
+        indices = torch.empty(q.shape[0], k, dtype=torch.int64)
+        scores = torch.empty(q.shape[0], k, dtype=torch.float32)
+        for start, idx, sc in iter_knn_blocks(q, r, k, metric=metric, block_size=block_size):
+            indices[start:start + len(idx)] = idx
+            scores[start:start + len(idx)] = sc
+        result = KnnResult(indices, _scores_to_distances(scores, q, metric))
+    else:
         raise DataError(f"unknown kNN backend {backend!r}; choose torch or faiss")
-    indices = torch.empty(q.shape[0], k, dtype=torch.int64)
-    scores = torch.empty(q.shape[0], k, dtype=torch.float32)
-    for start, idx, sc in iter_knn_blocks(q, r, k, metric=metric, block_size=block_size):
-        indices[start:start + len(idx)] = idx
-        scores[start:start + len(idx)] = sc
-    return KnnResult(indices, _scores_to_distances(scores, q, metric))
+    if metric in ("euclidean", "squared_euclidean"):
+        result = _exact_euclidean(q, q if r is None else r, result, metric)
+    return result
+
+
+def _exact_euclidean(q: torch.Tensor, r: torch.Tensor, result: KnnResult, metric: str) -> KnnResult:
+    """Recompute the returned Euclidean distances as ``|q - r|`` directly.
+
+    The search ranks by ``q.r - |r|^2/2``, whose conversion ``|q|^2 - 2 (q.r - |r|^2/2)`` loses the small
+    distances to cancellation (a duplicate comes out near 1e-3 instead of 0). The k neighbours found are
+    kept; each row is re-sorted stably by the exact distance, so exact ties keep their index order.
+    """
+    n, k = result.indices.shape
+    exact = torch.empty(n, k, dtype=torch.float32)
+    rows = max(1, (16 * 2**20) // max(1, 4 * k * q.shape[1]))  # (rows, k, D) differences of about 16 MB
+    for start in range(0, n, rows):
+        stop = min(start + rows, n)
+        diff = q[start:stop].unsqueeze(1) - r[result.indices[start:stop]]
+        exact[start:stop] = diff.pow_(2).sum(dim=2)
+    exact, order = torch.sort(exact, dim=1, stable=True)
+    indices = torch.gather(result.indices, 1, order)
+    return KnnResult(indices, exact.sqrt_() if metric == "euclidean" else exact)
 
 
 def faiss_available() -> bool:
