@@ -220,3 +220,12 @@ def test_only_singletons_is_an_error() -> None:
 def test_density_ratio_bad_input(x: np.ndarray, y: np.ndarray, match: str) -> None:
     with pytest.raises(DataError, match=match):
         density_ratio(x, y)
+
+
+def test_spectral_decays_leaves_out_modes_beyond_the_spectrum() -> None:
+    x = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # 4 singular values
+    out = spectral_decays(x, modes=(-1, 1, 2, 10))
+    assert set(out) == {"rho@-1", "rho@1", "rho@2", "rank"}
+    assert out["rho@2"] == pytest.approx(spectral_decay(x, 2))
+    with pytest.raises(DataError, match="mode 10 needs at least 10"):
+        spectral_decay(x, 10)

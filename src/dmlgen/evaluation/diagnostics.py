@@ -91,10 +91,14 @@ def spectral_decay(embeddings: Any, mode: int = 1) -> float:
 
 
 def spectral_decays(embeddings: Any, modes: Sequence[int] = (-1, 1, 2, 10)) -> dict[str, float]:
-    """``{"rho@<k>": ρ_k for k in modes, "rank": numerical rank}`` from one SVD of the (N, D) embeddings."""
+    """``{"rho@<k>": ρ_k for k in modes, "rank": numerical rank}`` from one SVD of the (N, D) embeddings.
+
+    A mode k > min(N, D) has no spectrum left to measure and is left out (tiny evaluation sets); asking
+    :func:`spectral_decay` for it directly is an error.
+    """
     x = _as_embeddings(embeddings)
     s = torch.linalg.svdvals(x)
-    out = {f"rho@{k}": _rho_from_svdvals(s, k) for k in modes}
+    out = {f"rho@{k}": _rho_from_svdvals(s, k) for k in modes if k <= len(s)}
     out["rank"] = float(_rank_from_svdvals(s, max(x.shape)))
     return out
 
