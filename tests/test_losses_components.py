@@ -46,10 +46,14 @@ LOSS_FACTORIES = [
     lambda: TripletMarginLoss(triplets_per_anchor=3, generator=torch.Generator().manual_seed(0)),
     lambda: MultiSimilarityLoss(),
     lambda: MultiSimilarityLoss(distance=LpDistance()),
+    lambda: L.ContrastiveLoss(),
+    lambda: L.MarginLoss(),
+    lambda: L.MarginLoss(num_classes=5, denominator="active_hinges"),
 ]
 
 
-LOSS_IDS = ["triplet", "triplet_swap_smooth", "triplet_random", "ms", "ms_lp"]
+LOSS_IDS = ["triplet", "triplet_swap_smooth", "triplet_random", "ms", "ms_lp", "contrastive", "margin",
+            "margin_per_class"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -81,6 +85,53 @@ def test_pairwise_matches_matrix(dist):
     mat = dist(x, r)
     i, j = torch.randint(0, len(x), (30,)), torch.randint(0, len(r), (30,))
     torch.testing.assert_close(dist.pairwise(x[i], r[j]), mat[i, j])
+
+
+@pytest.mark.parametrize("self_ref", [True, False])
+def test_euclidean_matrix_gradient_matches_autograd_of_the_formula(self_ref):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 6, generator=g, dtype=torch.float64)
+    x[5] = x[2]  # a duplicate: clamped, zero gradient
+    r = None if self_ref else torch.cat([torch.randn(6, 6, generator=g, dtype=torch.float64), x[:1]])
+    w = torch.randn(9, 9 if self_ref else 7, generator=g, dtype=torch.float64)
+
+    def formula(q, ref):
+        other = q if ref is None else ref
+        sq = (q * q).sum(1, keepdim=True) + (other * other).sum(1)[None] - 2.0 * q @ other.T
+        d = sq.clamp_min(1e-12).sqrt()
+        return d.masked_fill(torch.eye(len(q), dtype=torch.bool), 0.0) if ref is None else d
+
+    inputs = [x.clone().requires_grad_(True)] + ([] if self_ref else [r.clone().requires_grad_(True)])
+    copies = [t.detach().clone().requires_grad_(True) for t in inputs]
+    ours = euclidean_distance_matrix(inputs[0], None if self_ref else inputs[1])
+    ref_value = formula(copies[0], None if self_ref else copies[1])
+    assert torch.equal(ours, ref_value)  # the same arithmetic in the forward pass
+    (ours * w).sum().backward()
+    (ref_value * w).sum().backward()
+    for a, b in zip(inputs, copies):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+    small = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    other = None if self_ref else torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, o=other: euclidean_distance_matrix(q, o), (small,))
+
+
+def test_l2_normalize_matches_f_normalize_in_value_and_gradient():
+    import torch.nn.functional as F
+
+    from dmlgen.losses.distances import l2_normalize
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    x[3] = 0.0  # a zero row: clamped norm, gradient 1/eps like F.normalize
+    x[4] *= 1e-13  # below eps as well
+    w = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = l2_normalize(a), F.normalize(b, dim=1)
+    torch.testing.assert_close(ya, yb, rtol=0, atol=0)
+    (ya * w).sum().backward()
+    (yb * w).sum().backward()
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-10, atol=1e-10)
+    assert torch.autograd.gradcheck(l2_normalize, (torch.randn(4, 3, dtype=torch.float64, requires_grad=True),))
 
 
 def test_distance_direction_helpers():
@@ -123,6 +174,52 @@ def test_reducers():
         x.grad = None
 
 
+def test_dense_masked_terms_and_divisor_reducer_match_the_gathered_elements():
+    x = torch.randn(4, 3, requires_grad=True)
+    batch = MetricBatch.from_inputs(x, torch.arange(4))
+    g = torch.Generator().manual_seed(0)
+    dense = torch.relu(torch.randn(6, 5, generator=g, dtype=torch.float64))
+    dense[0, 0] = float("nan")  # outside the mask: must not leak into any reduction
+    mask = torch.rand(6, 5, generator=g) > 0.4
+    mask[0, 0] = False
+    for divisor in (None, 7, torch.tensor(3), 0):
+        for reducer in (MeanReducer(), AvgNonZeroReducer(), SumReducer(), L.DivisorReducer()):
+            masked = reducer(LossTerm(dense, "pos_pair", divisor=divisor, mask=mask), batch)
+            gathered = reducer(LossTerm(dense[mask], "pos_pair", divisor=divisor), batch)
+            assert torch.isfinite(masked)
+            torch.testing.assert_close(masked, gathered, rtol=1e-12, atol=1e-12)
+    assert L.DivisorReducer()(LossTerm(dense[mask], "triplet", divisor=4), batch).item() == pytest.approx(
+        dense[mask].sum().item() / 4)
+    # An empty mask is the in-graph zero.
+    for reducer in (MeanReducer(), AvgNonZeroReducer(), SumReducer(), L.DivisorReducer()):
+        losses = x.sum() * torch.ones(2, 2)
+        out = reducer(LossTerm(losses, "neg_pair", divisor=0, mask=torch.zeros(2, 2, dtype=torch.bool)), batch)
+        out.backward()
+        assert out.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+        x.grad = None
+
+
+@pytest.mark.parametrize("dist", [LpDistance(), LpDistance(normalize_embeddings=False, power=2), LpDistance(p=1),
+                                  CosineSimilarity(), DotProductSimilarity(False)])
+@pytest.mark.parametrize("self_ref", [True, False])
+def test_values_at_rowwise_equals_the_matrix(dist, self_ref, monkeypatch):
+    x, y = make_batch(1, dtype=torch.float64)
+    ref, ref_y = (None, None) if self_ref else make_batch(2, n_classes=3, dtype=torch.float64)
+    batch = MetricBatch.from_inputs(x, y, ref, ref_y)
+    loss = TripletMarginLoss(distance=dist)
+    g = torch.Generator().manual_seed(0)
+    m = batch.ref_emb.shape[0]
+    pairs = [(torch.randint(0, len(x), (40,), generator=g), torch.randint(0, m, (40,), generator=g)),
+             (torch.arange(min(len(x), m)), torch.arange(min(len(x), m)))]  # self-pairs in self mode
+    mat = dist(batch.embeddings, batch.ref_or_none)
+    for fraction in (0, 10**9):  # always row by row, always from the matrix
+        monkeypatch.setattr("dmlgen.losses.base.ROWWISE_FRACTION", fraction)
+        for (i, j), values in zip(pairs, loss.values_at(batch, *pairs)):
+            torch.testing.assert_close(values, mat[i, j], rtol=1e-10, atol=1e-10)
+            if self_ref and not dist.is_inverted:
+                assert (values[i == j] == 0).all()
+
+
 # ---------------------------------------------------------------------------------------------------------
 # registry
 
@@ -133,8 +230,17 @@ def test_registry_builds_fixed_names():
     assert isinstance(build_miner("triplet_margin", type_of_triplets="semihard"), TripletMarginMiner)
     assert isinstance(build_miner("multi_similarity", epsilon=0.2), MultiSimilarityMiner)
     assert build_miner(None) is None
-    assert set(L.LOSSES) == {"triplet_margin", "multi_similarity"}
-    assert set(L.MINERS) == {"triplet_margin", "multi_similarity"}
+    assert isinstance(build_loss("contrastive", neg_margin=0.5), L.ContrastiveLoss)
+    assert isinstance(build_loss("margin", num_classes=3), L.MarginLoss)
+    assert isinstance(build_loss("proxy_anchor", num_classes=3, embedding_size=4), L.ProxyAnchorLoss)
+    assert isinstance(build_loss("normalized_softmax", num_classes=3, embedding_size=4), L.NormalizedSoftmaxLoss)
+    assert isinstance(build_miner("batch_hard"), L.BatchHardMiner)
+    assert isinstance(build_miner("distance_weighted", upper=None), L.DistanceWeightedMiner)
+    assert set(L.LOSSES) == {"triplet_margin", "multi_similarity", "contrastive", "margin", "proxy_anchor",
+                             "normalized_softmax"}
+    assert set(L.MINERS) == {"triplet_margin", "multi_similarity", "batch_hard", "distance_weighted"}
+    with pytest.raises(ConfigError, match="missing parameter.*'embedding_size'"):
+        build_loss("proxy_anchor", num_classes=3)
 
 
 def test_registry_resolves_distance_and_reducer_specs_from_yaml_values():

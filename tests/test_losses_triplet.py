@@ -155,7 +155,10 @@ def test_gradient_matches_autograd_through_naive_formula():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind,normalize", [("lp", True), ("lp", False), ("cosine", True)])
 @pytest.mark.parametrize("mining", [None, "semihard", "hard", "all", "easy"])
-def test_matches_pml_loss_and_miner(dtype, kind, normalize, mining):
+@pytest.mark.parametrize("rowwise", [False, True], ids=["matrix", "rowwise"])
+def test_matches_pml_loss_and_miner(dtype, kind, normalize, mining, rowwise, monkeypatch):
+    # Both ways of computing the mined triplets' distances (see BaseMetricLoss.values_at).
+    monkeypatch.setattr("dmlgen.losses.base.ROWWISE_FRACTION", 0 if rowwise else 10**9)
     for seed in range(3):
         # The last batch has > 25 rows, where torch.cdist (used by PML) switches to its matmul path.
         big = seed == 2
@@ -180,7 +183,9 @@ def test_matches_pml_loss_and_miner(dtype, kind, normalize, mining):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("smooth", [False, True])
-def test_matches_pml_with_reference_set(dtype, smooth):
+@pytest.mark.parametrize("rowwise", [False, True], ids=["matrix", "rowwise"])
+def test_matches_pml_with_reference_set(dtype, smooth, rowwise, monkeypatch):
+    monkeypatch.setattr("dmlgen.losses.base.ROWWISE_FRACTION", 0 if rowwise else 10**9)
     for seed in range(3):
         x, y = make_batch(seed, n_classes=4, m=3, dtype=dtype)
         ref, ref_y = make_batch(seed + 10, n_classes=6, m=4, dtype=dtype)

@@ -11,11 +11,24 @@ Protocol (pytorch-metric-learning's composition)::
 
 from .base import BaseMetricLoss, DegenerateBatchWarning
 from .batch import MetricBatch
+from .contrastive import ContrastiveLoss
 from .distances import BaseDistance, CosineSimilarity, DotProductSimilarity, LpDistance, build_distance
 from .indices import IndicesTuple, Pairs, Triplets
-from .miners import BaseMiner, MultiSimilarityMiner, TripletMarginMiner
+from .margin import MarginLoss
+from .miners import BaseMiner, BatchHardMiner, DistanceWeightedMiner, MultiSimilarityMiner, TripletMarginMiner
 from .multi_similarity import MultiSimilarityLoss
-from .reducers import AvgNonZeroReducer, BaseReducer, LossTerm, MeanReducer, SumReducer, build_reducer
+from .normalized_softmax import NormalizedSoftmaxLoss
+from .proxies import BaseProxyLoss
+from .proxy_anchor import ProxyAnchorLoss
+from .reducers import (
+    AvgNonZeroReducer,
+    BaseReducer,
+    DivisorReducer,
+    LossTerm,
+    MeanReducer,
+    SumReducer,
+    build_reducer,
+)
 from .registry import LOSSES, MINERS, build_loss, build_miner
 from .triplet import TripletMarginLoss
 
@@ -26,18 +39,26 @@ __all__ = [
     "BaseDistance",
     "BaseMetricLoss",
     "BaseMiner",
+    "BaseProxyLoss",
     "BaseReducer",
+    "BatchHardMiner",
+    "ContrastiveLoss",
     "CosineSimilarity",
     "DegenerateBatchWarning",
+    "DistanceWeightedMiner",
+    "DivisorReducer",
     "DotProductSimilarity",
     "IndicesTuple",
     "LossTerm",
     "LpDistance",
+    "MarginLoss",
     "MeanReducer",
     "MetricBatch",
     "MultiSimilarityLoss",
     "MultiSimilarityMiner",
+    "NormalizedSoftmaxLoss",
     "Pairs",
+    "ProxyAnchorLoss",
     "SumReducer",
     "TripletMarginLoss",
     "TripletMarginMiner",

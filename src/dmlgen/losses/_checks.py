@@ -27,6 +27,13 @@ def check_number(owner: str, name: str, value: Any, *, positive: bool = False) -
     return float(value)
 
 
+def check_int(owner: str, name: str, value: Any, *, minimum: int = 1) -> int:
+    """Return ``value``; it must be an ``int`` (not a bool or a float) >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
 def check_bool(owner: str, name: str, value: Any) -> bool:
     """Return ``value``; it must be a real ``bool`` (not 0/1 or a string)."""
     if not isinstance(value, bool):
@@ -60,6 +67,11 @@ def build_named(kind: str, table: Mapping[str, Callable[..., T]], name: Any, par
             raise ConfigError(
                 f"{kind} {name!r}: unknown parameter {key!r}; accepted: {', '.join(accepted) or '(none)'}"
             )
+    required = [n for n, p in inspect.signature(factory).parameters.items()
+                if n in accepted and p.default is inspect.Parameter.empty]
+    missing = [n for n in required if n not in params]
+    if missing:
+        raise ConfigError(f"{kind} {name!r}: missing parameter(s) {', '.join(map(repr, missing))}")
     return factory(**params)
 
 

@@ -20,6 +20,10 @@ from .indices import IndicesTuple, check_indices_tuple
 from .reducers import BaseReducer, LossTerm, MeanReducer, ReducerSpec, build_reducer
 
 
+#: :meth:`BaseMetricLoss.values_at` computes pairs row by row while they number at most N * M / this.
+ROWWISE_FRACTION = 32
+
+
 class DegenerateBatchWarning(UserWarning):
     """A batch from which the loss cannot form any comparison (one sample, one class): the loss is 0."""
 
@@ -97,6 +101,32 @@ class BaseMetricLoss(torch.nn.Module):
             DegenerateBatchWarning,
             stacklevel=2,
         )
+
+    def values_at(self, batch: MetricBatch, *pairs: tuple[Tensor, Tensor]) -> list[Tensor]:
+        """Distance values ``(T_k,)`` at each ``(query indices, reference indices)`` pair list.
+
+        The same values as indexing the full ``(N, M)`` matrix (self-pairs in self mode are exactly 0 for a
+        distance). When the pairs are few (a miner's triplets: O(N) pairs) they are computed row by row,
+        O(T * D) instead of the O(N * M * D) matrix product and its backward.
+        """
+        total = sum(int(i.numel()) for i, _ in pairs)
+        n, m = batch.embeddings.shape[0], batch.ref_emb.shape[0]
+        if total * ROWWISE_FRACTION > n * m:
+            mat = self.distance(batch.embeddings, batch.ref_or_none)
+            return [mat[i, j] for i, j in pairs]
+        dist = self.distance
+        query = dist.maybe_normalize(batch.embeddings)
+        ref = query if batch.self_ref else dist.maybe_normalize(batch.ref_emb)
+        out = []
+        for i, j in pairs:
+            values = dist.compute_rows(query[i], ref[j])
+            if dist.power != 1:
+                values = values.pow(dist.power)
+            if batch.self_ref and not dist.is_inverted:
+                # The matrix convention: a sample's distance to itself is exactly 0 (not sqrt(1e-12)).
+                values = values.masked_fill(i == j, 0.0)
+            out.append(values)
+        return out
 
     def wants_indices(self) -> bool:
         """Whether terms must carry their indices (the reducer weights elements by them)."""

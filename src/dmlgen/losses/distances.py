@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from ._checks import build_from_spec, check_bool, check_number
 
@@ -25,28 +26,86 @@ from ._checks import build_from_spec, check_bool, check_number
 SQ_DIST_EPS = 1e-12
 
 
+class _EuclideanDistanceMatrix(torch.autograd.Function):
+    """The matrix of :func:`euclidean_distance_matrix` with a closed-form backward.
+
+    With ``W = grad / d`` where the clamp is inactive (0 on clamped entries and on a self-comparison's
+    diagonal): ``dq = q * W.sum(1) - W @ r`` and ``dr = r * W.sum(0) - W.T @ q``; for ``ref=None`` the two
+    add up to one product ``(W + W.T) @ q``. Autograd through the expression takes an extra matrix product
+    and a dozen ``(N, M)`` passes, which dominate a pair loss's cost.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, query: Tensor, ref: Tensor | None) -> Tensor:
+        same = ref is None
+        other = query if ref is None else ref
+        q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
+        r2 = q2.view(1, -1) if same else (other * other).sum(dim=1).unsqueeze(0)  # (1, M)
+        sq = q2 + r2 - 2.0 * (query @ other.transpose(0, 1))
+        active = sq >= SQ_DIST_EPS  # where clamp_min passes the gradient
+        dist = sq.clamp_min_(SQ_DIST_EPS).sqrt_()
+        if same:
+            dist.fill_diagonal_(0.0)
+        ctx.save_for_backward(query, ref, dist, active)
+        return dist
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        query, ref, dist, active = ctx.saved_tensors
+        weights = torch.where(active, grad / dist, torch.zeros_like(grad))
+        if ref is None:
+            weights.fill_diagonal_(0.0)
+            weights = weights + weights.transpose(0, 1)
+            return query * weights.sum(dim=1, keepdim=True) - weights @ query, None
+        grad_q = grad_r = None
+        if ctx.needs_input_grad[0]:
+            grad_q = query * weights.sum(dim=1, keepdim=True) - weights @ ref
+        if ctx.needs_input_grad[1]:
+            grad_r = ref * weights.sum(dim=0).unsqueeze(1) - weights.transpose(0, 1) @ query
+        return grad_q, grad_r
+
+
 def euclidean_distance_matrix(query: Tensor, ref: Tensor | None = None) -> Tensor:
     """Non-squared Euclidean distances ``(N, M)`` between rows of ``query (N, D)`` and ``ref (M, D)``.
 
-    ``ref=None`` compares ``query`` with itself and sets the diagonal to exactly 0.
+    ``sqrt(max(|q|^2 + |r|^2 - 2 q.r, 1e-12))``; ``ref=None`` compares ``query`` with itself and sets the
+    diagonal to exactly 0. Entries at the clamp (duplicates) and the diagonal get a zero gradient.
     """
-    same = ref is None
-    ref = query if ref is None else ref
-    q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
-    r2 = (ref * ref).sum(dim=1).unsqueeze(0)  # (1, M)
-    sq = q2 + r2 - 2.0 * (query @ ref.transpose(0, 1))
-    dist = sq.clamp_min(SQ_DIST_EPS).sqrt()
-    if same:
-        # Out of place: sqrt's backward needs its own output unchanged.
-        eye = torch.eye(dist.shape[0], dtype=torch.bool, device=dist.device)
-        dist = dist.masked_fill(eye, 0.0)
-    return dist
+    return _EuclideanDistanceMatrix.apply(query, ref)
 
 
 def euclidean_distance_rows(x: Tensor, y: Tensor) -> Tensor:
     """Row-wise non-squared Euclidean distance ``(T,)`` between ``x (T, D)`` and ``y (T, D)``."""
     diff = x - y
     return (diff * diff).sum(dim=1).clamp_min(SQ_DIST_EPS).sqrt()
+
+
+class _L2Normalize(torch.autograd.Function):
+    """``F.normalize(x, dim=1)`` with a one-pass backward ``(g - y (g . y)) / |x|`` (three passes over the
+    ``(N, D)`` gradient instead of autograd's six: normalising is a large share of a loss's cost)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, eps: float) -> Tensor:
+        norm = torch.linalg.vector_norm(x, 2, dim=1, keepdim=True).clamp_min(eps)
+        y = x / norm
+        ctx.save_for_backward(y, norm)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        y, norm = ctx.saved_tensors
+        dot = (grad * y).sum(dim=1, keepdim=True)
+        # A row whose norm was clamped at eps was divided by a constant: no projection term.
+        dot = dot.masked_fill(norm <= ctx.eps, 0.0)
+        return (grad - y * dot) / norm, None
+
+
+def l2_normalize(x: Tensor, eps: float = 1e-12) -> Tensor:
+    """Rows of ``x (N, D)`` divided by ``max(|x_i|, eps)``: the values of ``F.normalize(x, dim=1)``."""
+    return _L2Normalize.apply(x, eps)
 
 
 class BaseDistance(torch.nn.Module):
@@ -87,7 +146,9 @@ class BaseDistance(torch.nn.Module):
         raise NotImplementedError
 
     def maybe_normalize(self, x: Tensor) -> Tensor:
-        return F.normalize(x, p=self.p, dim=1) if self.normalize_embeddings else x
+        if not self.normalize_embeddings:
+            return x
+        return l2_normalize(x) if self.p == 2 else F.normalize(x, p=self.p, dim=1)
 
     def margin(self, x: Tensor | float, y: Tensor | float) -> Tensor:
         """How much farther ``x`` is than ``y``: ``x - y`` for distances, ``y - x`` for similarities."""

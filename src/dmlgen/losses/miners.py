@@ -8,13 +8,25 @@ comparison can be formed gives empty tensors; the loss then warns and returns it
 
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from dmlgen.errors import ConfigError
 
 from ._checks import check_choice, check_number
 from .batch import MetricBatch, full_precision
-from .distances import BaseDistance, CosineSimilarity, DistanceSpec, LpDistance, build_distance
-from .indices import IndicesTuple, empty_indices
+from .distances import (
+    BaseDistance,
+    CosineSimilarity,
+    DistanceSpec,
+    LpDistance,
+    build_distance,
+    euclidean_distance_matrix,
+)
+from .indices import IndicesTuple, empty_indices, sample_allowed
 
 
 class BaseMiner(torch.nn.Module):
@@ -133,3 +145,150 @@ class MultiSimilarityMiner(BaseMiner):
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}"
+
+
+class BatchHardMiner(BaseMiner):
+    """The hardest positive and the hardest negative of every anchor (PML's ``BatchHardMiner``).
+
+    For a distance: the farthest positive and the closest negative; for a similarity: the least and the most
+    similar. Anchors without a positive or without a negative are left out. Returns triplets ``(a, p, n)``,
+    one per kept anchor, in anchor order; ties go to the lowest reference index.
+
+    Args:
+        distance: default :class:`LpDistance`.
+    """
+
+    output_size = 3
+
+    def mine(self, batch: MetricBatch) -> IndicesTuple:
+        pos, neg = batch.label_masks()
+        mat = self.distance(batch.embeddings, batch.ref_or_none)
+        inf = torch.tensor(float("inf"), dtype=mat.dtype, device=mat.device)
+        if self.distance.is_inverted:
+            p = torch.where(pos, mat, inf).argmin(dim=1)  # least similar positive
+            n = torch.where(neg, mat, -inf).argmax(dim=1)  # most similar negative
+        else:
+            p = torch.where(pos, mat, -inf).argmax(dim=1)  # farthest positive
+            n = torch.where(neg, mat, inf).argmin(dim=1)  # closest negative
+        a = torch.where(pos.any(dim=1) & neg.any(dim=1))[0]
+        return a, p[a], n[a]
+
+
+class DistanceWeightedMiner(BaseMiner):
+    """Distance-weighted negative sampling (Wu et al. 2017; methods.md §2.2).
+
+    Works on a detached, L2-normalised copy of the embeddings (whatever the loss then uses). A candidate
+    negative n of anchor a at Euclidean distance d gets the log-weight
+
+        log w(d) = (2 - D) log max(d, lower) - ((D - 3) / 2) log max(1 - max(d, lower)^2 / 4, 1e-6)
+
+    (the inverse density of distances between uniform points on the unit sphere in D dimensions). Allowed
+    candidates are the label-valid negatives with ``d < upper``; the negative is drawn from the softmax of the
+    log-weights over them (disallowed logits are -inf, so no row can underflow to all zeros and d = 2 gives
+    no NaN). When the cut-off removes every label-valid negative of an anchor, its negative is uniform over
+    the label-valid ones; an anchor without any negative is skipped.
+
+    Args:
+        lower: lower clamp of d in the weights (PML's ``cutoff``).
+        upper: cut-off; candidates with ``d >= upper`` are not drawn (PML's ``nonzero_loss_cutoff``).
+            ``None``: no cut-off.
+        layout: ``"all_pos_pairs"``: every ordered positive pair (a, p) gets one negative (MDR);
+            ``"one_per_anchor"``: every anchor with a positive gets one uniform positive and one negative
+            (margin loss). PML instead gives each anchor as many random positives as its class has members.
+        generator: random source of the draws (``None``: torch's global generator).
+
+    Returns triplets ``(a, p, n)``. PML's DistanceWeightedMiner draws from the same per-anchor distribution
+    whenever the cut-off leaves a candidate (it has no 1 - d^2/4 clamp and no uniform fall-back).
+    """
+
+    LAYOUTS = ("all_pos_pairs", "one_per_anchor")
+    #: Lower clamp of 1 - d^2/4 inside the log (methods.md §2.2).
+    MIN_SPHERE_TERM = 1e-6
+    output_size = 3
+
+    def __init__(
+        self,
+        lower: float = 0.5,
+        upper: float | None = 1.4,
+        layout: str = "all_pos_pairs",
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__(distance=LpDistance())
+        owner = type(self).__name__
+        self.lower = check_number(owner, "lower", lower)
+        if not 0 <= self.lower < 2:
+            raise ConfigError(f"{owner}: lower must lie in [0, 2), got {lower!r}")
+        self.upper = None if upper is None else check_number(owner, "upper", upper, positive=True)
+        if self.upper is not None and self.upper <= self.lower:
+            raise ConfigError(f"{owner}: upper must be > lower ({self.lower}) or null, got {upper!r}")
+        self.layout = check_choice(owner, "layout", layout, self.LAYOUTS)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise ConfigError(f"{owner}: generator must be a torch.Generator, got {generator!r}")
+        self.generator = generator
+
+    def log_weights(self, dist: Tensor, dim: int) -> Tensor:
+        """Log-weights of Euclidean distances ``dist`` between unit vectors in ``dim`` dimensions (clamped)."""
+        d = dist.clamp_min(self.lower)
+        sphere = (1.0 - 0.25 * d * d).clamp_min(self.MIN_SPHERE_TERM)
+        return (2.0 - dim) * torch.log(d) - ((dim - 3) / 2.0) * torch.log(sphere)
+
+    def probabilities(
+        self, embeddings: Tensor, labels: Tensor, ref_emb: Tensor | None = None, ref_labels: Tensor | None = None
+    ) -> Tensor:
+        """The negative-sampling distribution, float64 ``(N, M)``: row a sums to 1 when anchor a has a
+        negative, else is all zero."""
+        batch = MetricBatch.from_inputs(embeddings, labels, ref_emb, ref_labels)
+        with torch.no_grad(), full_precision(batch.device):
+            _, neg = batch.label_masks()
+            return self._probabilities(batch, neg)
+
+    def _probabilities(self, batch: MetricBatch, neg: Tensor) -> Tensor:
+        q = F.normalize(batch.embeddings.detach(), dim=1)
+        r = None if batch.self_ref else F.normalize(batch.ref_emb.detach(), dim=1)
+        # The matrix in the compute dtype (one matmul), the weights in float64: log-weights span thousands
+        # in 512-d, where fp32 rounding alone would move probabilities by ~1e-4.
+        dist = euclidean_distance_matrix(q, r).double()
+        logits = self.log_weights(dist, q.shape[1])
+        allowed = neg if self.upper is None else neg & (dist < self.upper)
+        # Cut-off removed every negative of the row: uniform over its label-valid negatives (MDR).
+        fallback = neg.any(dim=1) & ~allowed.any(dim=1)
+        if bool(fallback.any()):
+            logits = torch.where(fallback.unsqueeze(1), torch.zeros_like(logits), logits)
+            allowed = torch.where(fallback.unsqueeze(1), neg, allowed)
+        logits = logits.masked_fill(~allowed, -math.inf)
+        # Rows with nothing allowed keep a finite shift (0) and come out all zero instead of NaN.
+        row_max = logits.amax(dim=1, keepdim=True)
+        row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        w = torch.exp(logits - row_max)
+        total = w.sum(dim=1, keepdim=True)
+        return w / torch.where(total > 0, total, torch.ones_like(total))
+
+    def _draw(self, probs: Tensor) -> Tensor:
+        """One column index per row of ``probs (R, M)`` (rows summing to 1), by the inverse CDF."""
+        cdf = probs.cumsum(dim=1)
+        total = cdf[:, -1:]
+        device = self.generator.device if self.generator is not None else probs.device
+        u = torch.rand((probs.shape[0], 1), generator=self.generator, device=device, dtype=torch.float64)
+        u = u.to(probs.device) * total
+        idx = torch.searchsorted(cdf, u, right=True)  # first column whose CDF exceeds u: probability > 0
+        # u rounded up to the total would give M: take the last column with a positive probability instead.
+        last = (cdf < total).sum(dim=1, keepdim=True)
+        return torch.minimum(idx, last).squeeze(1)
+
+    def mine(self, batch: MetricBatch) -> IndicesTuple:
+        pos, neg = batch.label_masks()
+        has_neg = neg.any(dim=1)
+        if self.layout == "all_pos_pairs":
+            a, p = torch.where(pos & has_neg.unsqueeze(1))
+        else:
+            a = torch.where(pos.any(dim=1) & has_neg)[0]
+            p = sample_allowed(pos[a], 1, self.generator).squeeze(1) if a.numel() else a
+        if a.numel() == 0:
+            return empty_indices(3, batch.device)  # type: ignore[return-value]
+        probs = self._probabilities(batch, neg)
+        # One independent draw per (a, p) row: in all_pos_pairs an anchor's row repeats once per positive.
+        n = self._draw(probs[a])
+        return a, p, n
+
+    def extra_repr(self) -> str:
+        return f"lower={self.lower}, upper={self.upper}, layout={self.layout!r}"

@@ -15,31 +15,42 @@ from dmlgen.errors import ConfigError
 
 from ._checks import build_named
 from .base import BaseMetricLoss
+from .contrastive import ContrastiveLoss
 from .distances import DISTANCES, BaseDistance, DistanceSpec, build_distance
-from .miners import BaseMiner, MultiSimilarityMiner, TripletMarginMiner
+from .margin import MarginLoss
+from .miners import BaseMiner, BatchHardMiner, DistanceWeightedMiner, MultiSimilarityMiner, TripletMarginMiner
 from .multi_similarity import MultiSimilarityLoss
+from .normalized_softmax import NormalizedSoftmaxLoss
+from .proxy_anchor import ProxyAnchorLoss
 from .reducers import REDUCERS, BaseReducer, ReducerSpec, build_reducer
 from .triplet import TripletMarginLoss
 
 LOSSES: dict[str, type[BaseMetricLoss]] = {
     "triplet_margin": TripletMarginLoss,
     "multi_similarity": MultiSimilarityLoss,
+    "contrastive": ContrastiveLoss,
+    "margin": MarginLoss,
+    "proxy_anchor": ProxyAnchorLoss,
+    "normalized_softmax": NormalizedSoftmaxLoss,
 }
 
 MINERS: dict[str, type[BaseMiner]] = {
     "triplet_margin": TripletMarginMiner,
     "multi_similarity": MultiSimilarityMiner,
+    "batch_hard": BatchHardMiner,
+    "distance_weighted": DistanceWeightedMiner,
 }
 
 
 def build_loss(name: str, **params: Any) -> BaseMetricLoss:
-    """The loss registered as ``name`` (``"triplet_margin"``, ``"multi_similarity"``) built with ``params``."""
+    """The loss registered as ``name`` (``"triplet_margin"``, ``"multi_similarity"``, ``"contrastive"``,
+    ``"margin"``, ``"proxy_anchor"``, ``"normalized_softmax"``) built with ``params``."""
     return build_named("loss", LOSSES, name, params)
 
 
 def build_miner(name: str | None, **params: Any) -> BaseMiner | None:
-    """The miner registered as ``name`` (``"triplet_margin"``, ``"multi_similarity"``), or ``None`` for no
-    miner (then ``params`` must be empty)."""
+    """The miner registered as ``name`` (``"triplet_margin"``, ``"multi_similarity"``, ``"batch_hard"``,
+    ``"distance_weighted"``), or ``None`` for no miner (then ``params`` must be empty)."""
     if name is None:
         if params:
             raise ConfigError(f"miner None takes no parameters, got {', '.join(map(repr, params))}")

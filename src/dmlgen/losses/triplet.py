@@ -80,9 +80,8 @@ class TripletMarginLoss(BaseMetricLoss):
         self.generator = generator
 
     def compute_loss(self, batch: MetricBatch, indices_tuple: IndicesTuple | None) -> dict[str, LossTerm]:
-        mat = self.distance(batch.embeddings, batch.ref_or_none)  # (N, M)
         if indices_tuple is None and self.triplets_per_anchor == "all":
-            return self._all_triplets(batch, mat)
+            return self._all_triplets(batch, self.distance(batch.embeddings, batch.ref_or_none))
         if indices_tuple is None:
             pos, neg = batch.label_masks()
             a, p, n = sample_triplets(pos, neg, int(self.triplets_per_anchor), self.generator)
@@ -90,13 +89,14 @@ class TripletMarginLoss(BaseMetricLoss):
             a, p, n = to_triplets(indices_tuple, batch.embeddings.shape[0], batch.ref_emb.shape[0])
         if a.numel() == 0:
             return {}
-        ap, an = mat[a, p], mat[a, n]
-        if self.swap:
-            if batch.self_ref:
-                pn = mat[p, n]
-            else:
+        if self.swap and batch.self_ref:
+            ap, an, pn = self.values_at(batch, (a, p), (a, n), (p, n))
+        else:
+            ap, an = self.values_at(batch, (a, p), (a, n))
+            if self.swap:
                 # Positives and negatives index the reference set: compare reference rows with each other.
                 pn = self.distance.pairwise(batch.ref_emb[p], batch.ref_emb[n])
+        if self.swap:
             an = self.distance.smallest_dist(an, pn)
         losses = triplet_margin_values(ap, an, self.distance, self.margin, self.smooth_loss)
         return {"loss": LossTerm(losses, "triplet", (a, p, n))}
@@ -119,7 +119,8 @@ class TripletMarginLoss(BaseMetricLoss):
         if self.wants_indices():
             pair_idx, n = torch.where(selected)
             indices = (a[pair_idx], p[pair_idx], n)
-        return {"loss": LossTerm(values[selected], "triplet", indices)}
+        # A dense term: gathering the (P, M) selection and scattering its gradient back cost more than the loss.
+        return {"loss": LossTerm(values, "triplet", indices, mask=selected)}
 
     def _rows_from_ref(self, batch: MetricBatch, mat: Tensor, ref_rows: Tensor) -> Tensor:
         """Values ``(len(ref_rows), M)`` between the given reference rows and the whole reference set."""
