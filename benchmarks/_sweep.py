@@ -2,8 +2,9 @@
 
 A variant is a config file plus ``--set`` overrides. Each (variant, seed) is one full ``dmlgen train`` run
 (train on the background alphabets minus the validation ones, checkpoint by validation MAP@R, one test
-evaluation on the 659 evaluation classes). Finished runs (``test_metrics.json`` present) are reused, so an
-interrupted sweep continues where it stopped.
+evaluation on the 659 evaluation classes). Finished runs (``test_metrics.json`` present) are reused and
+unfinished ones resume from their ``last.ckpt``, so an interrupted sweep continues where it stopped (the
+wall time of a resumed run counts only its last part).
 """
 
 from __future__ import annotations
@@ -55,9 +56,11 @@ def run_variants(variants: Sequence[Variant], seeds: Sequence[int], out: str | P
             if done.is_file():
                 result = json.loads(done.read_text())
             else:
+                # A run stopped part-way (Ctrl-C, end of a session) continues from its last.ckpt.
+                resume = (run_dir / "last.ckpt").is_file()
                 start = time.perf_counter()
                 result = train(REPO / variant.config, [*variant.overrides, f"train.seed={seed}", *extra_overrides],
-                               out_dir=run_dir, progress=False, overwrite=True)
+                               out_dir=run_dir, progress=False, overwrite=not resume, resume=resume)
                 timing.write_text(f"{time.perf_counter() - start:.1f}\n")
                 print(f"{variant.name} seed {seed}: {timing.read_text().strip()} s", flush=True)
             row = {k: float(v) for k, v in result["test"].items()}
