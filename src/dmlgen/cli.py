@@ -244,7 +244,8 @@ def _add_train(sub: _Subparsers) -> None:
         description="Train on the config's training classes, select the checkpoint by validation MAP@R on "
         "held-out training classes, then evaluate it once on the unseen test classes. The run folder "
         "(--out, default: the config's out_dir) receives config.yaml, metrics.jsonl, epochs.csv, last.ckpt, "
-        "best.ckpt, test_metrics.json and report.md. Ctrl-C saves last.ckpt; --resume continues exactly.",
+        "best.ckpt, test_metrics.json, report.md and report.html (see dmlgen report). Ctrl-C saves last.ckpt; "
+        "--resume continues exactly.",
     )
     p.add_argument("config", metavar="CONFIG", help="run config (YAML), e.g. configs/omniglot/triplet_semihard.yaml")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -286,7 +287,9 @@ def _run_train(args: argparse.Namespace) -> int:
     print(f"test: {splits['test_images']} images of {splits['test_classes']} unseen classes, "
           f"checkpoint of epoch {result['selected_epoch']} ({result['selection']})")
     print(format_metrics(result["test"]))
-    print(f"wrote {out / 'test_metrics.json'} and {out / 'report.md'} in {time.perf_counter() - start:.1f} s")
+    reports = [out / name for name in ("report.md", "report.html") if (out / name).is_file()]
+    print(f"wrote {out / 'test_metrics.json'}, {' and '.join(map(str, reports))} in "
+          f"{time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -317,32 +320,51 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- report
 def _add_report(sub: _Subparsers) -> None:
-    p = sub.add_parser("report", help="rewrite report.md of a training run folder",
-                       description="Rebuild RUN_DIR/report.md from its config.yaml, test_metrics.json and "
-                       "last.ckpt (epoch history).")
+    p = sub.add_parser(
+        "report", help="rewrite report.md and report.html of a training run folder",
+        description="Rebuild RUN_DIR/report.md and the self-contained RUN_DIR/report.html (metrics, training "
+        "curves, a retrieval gallery of the worst test queries, a 2-D map of the test embeddings, the "
+        "diagnostics rho and pi) from config.yaml, test_metrics.json, epochs.csv and best.ckpt. The test "
+        "embeddings, neighbours, thumbnails and map are cached in RUN_DIR/report_cache.npz.",
+    )
     p.add_argument("run_dir", metavar="RUN_DIR", help="a folder written by dmlgen train")
+    p.add_argument("--html", action=argparse.BooleanOptionalAction, default=True,
+                   help="also write report.html (default: yes; --no-html writes report.md only)")
+    p.add_argument("--gallery-queries", type=int, default=12, metavar="N",
+                   help="worst queries shown in the retrieval gallery (default: 12; 0: no gallery)")
+    p.add_argument("--neighbours", type=int, default=8, metavar="K", help="neighbours per query (default: 8)")
+    p.add_argument("--query-pool", type=int, default=20_000, metavar="N",
+                   help="test queries ranked to find the worst (a seeded sample beyond N; default: 20000)")
+    p.add_argument("--map-points", type=int, default=2000, metavar="N",
+                   help="points of the 2-D embedding map (default: 2000; 0: no map)")
+    p.add_argument("--map-classes", type=int, default=20, metavar="N",
+                   help="classes drawn in the map, chosen at random (default: 20; 0: all)")
+    p.add_argument("--map-method", choices=("auto", "umap", "tsne"), default="auto",
+                   help="auto: UMAP when umap-learn is installed, else t-SNE (default: auto)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples and the map (default: 0)")
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="ignore and do not write report_cache.npz")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
     p.set_defaults(handler=_run_report)
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    import yaml
-
     from dmlgen.engine.checkpoint import load_checkpoint
-    from dmlgen.reporting.markdown import write_run_report
+    from dmlgen.reporting.collect import ReportOptions
+    from dmlgen.reporting.html import load_run_files, write_reports
 
+    start = time.perf_counter()
     run = Path(args.run_dir)
-    needed = [run / "config.yaml", run / "test_metrics.json", run / "last.ckpt"]
-    missing = [str(p) for p in needed if not p.is_file()]
-    if missing:
-        raise DataError(f"{run} is not a finished training run: missing {', '.join(missing)}")
-    try:
-        config = yaml.safe_load(needed[0].read_text())
-        result = json.loads(needed[1].read_text())
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise DataError(f"cannot read the run files in {run}: {exc}") from None
-    history = load_checkpoint(needed[2]).get("history", [])
-    path = write_run_report(run, result, history, config)
-    print(f"wrote {path}")
+    options = ReportOptions(gallery_queries=args.gallery_queries, neighbours=args.neighbours,
+                            query_pool=args.query_pool, map_points=args.map_points,
+                            map_classes=args.map_classes or None, map_method=args.map_method, seed=args.seed,
+                            cache=args.cache)
+    options.validate()
+    result, history, config = load_run_files(run)
+    if not history and (run / "last.ckpt").is_file():  # runs from before epochs.csv held every epoch
+        history = load_checkpoint(run / "last.ckpt").get("history", [])
+    paths = write_reports(run, result, history, config, html=args.html, options=options, device=args.device)
+    print(f"wrote {' and '.join(str(p) for p in paths)} in {time.perf_counter() - start:.1f} s")
     return 0
 
 
@@ -521,9 +543,72 @@ def _run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- compare
+def _add_compare(sub: _Subparsers) -> None:
+    p = sub.add_parser(
+        "compare",
+        help="compare methods fairly: hyper-parameter search by class-disjoint CV, then seeds, then tests",
+        description="For each method of the compare config: an Optuna TPE search over its search space with a "
+        "fixed number of trials, each scored by the mean validation metric over k class-disjoint folds of the "
+        "training classes; then the best values trained once per seed and tested once each. Writes results.md, "
+        "results.csv and results.json (mean ± 95%% CI per metric, paired tests between methods over seeds). "
+        "Finished trials and runs are kept: --resume continues an interrupted compare. See docs/compare.md.",
+    )
+    p.add_argument("config", metavar="CONFIG", help="compare config (YAML), e.g. configs/compare/omniglot_small.yaml")
+    p.add_argument("--out", metavar="DIR", help="compare folder (default: the config's out_dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a compare in the folder / storage: finished trials and runs are reused")
+    p.add_argument("--storage", metavar="URL",
+                   help="Optuna database URL, e.g. postgresql://user:pw@host/db to share the search between machines "
+                   "(default: the config's storage, or sqlite:///DIR/optuna.db)")
+    p.add_argument("--stage", choices=("all", "search", "final"), default="all",
+                   help="search: only the searches (e.g. extra machines); final: only the final runs and results "
+                   "from finished searches (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no line per trial and run")
+    p.set_defaults(handler=_run_compare)
+
+
+def _run_compare(args: argparse.Namespace) -> int:
+    import shlex
+
+    from dmlgen.compare import CompareInterrupted, load_compare_config, run_compare
+
+    cfg = load_compare_config(args.config, out_dir=args.out)
+    if args.storage is not None:
+        cfg.storage = args.storage
+    command = ["dmlgen", "compare", args.config]
+    for flag, value in (("--out", args.out), ("--storage", args.storage)):
+        if value is not None:
+            command += [flag, value]
+    if args.stage != "all":
+        command += ["--stage", args.stage]
+    start = time.perf_counter()
+    try:
+        payload = run_compare(cfg, resume=args.resume, stage=args.stage,
+                              log=(lambda line: None) if args.quiet else (lambda line: print(line, flush=True)),
+                              resume_command=shlex.join([*command, "--resume"]))
+    except CompareInterrupted as exc:
+        print(str(exc), file=sys.stderr)
+        return 130
+    if payload is None:
+        print(f"searches done in {time.perf_counter() - start:.0f} s; storage {cfg.storage_url()}")
+        return 0
+    metric = cfg.score_metric
+    width = max(len(name) for name in payload["methods"])
+    print(f"test {metric} (mean ± 95% CI over seeds {', '.join(map(str, cfg.seeds))}):")
+    for name, info in payload["methods"].items():
+        s = info["summary"].get(metric)
+        if s is not None:
+            ci = "" if s["ci95"] is None else f" ± {s['ci95']:.4f}"
+            print(f"  {name:<{width}}  {s['mean']:.4f}{ci}")
+    print(f"{cfg.out_path / 'results.md'} ({time.perf_counter() - start:.0f} s)")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
     _add_train, _add_evaluate, _add_embed, _add_report, _add_demo, _add_index, _add_search, _add_export,
+    _add_compare,
 )
 
 

@@ -50,6 +50,12 @@ class DataConfig:
     split_seed: int = 0
     # Keep only the first N classes (sorted) of each split: quick runs, smoke tests, CPU budgets.
     max_classes: int | None = None
+    # Class-disjoint cross-validation (dmlgen compare): the training classes (for Omniglot every background
+    # alphabet; after max_classes) are shuffled with split_seed and cut into `folds` near-equal groups; group
+    # `fold` (0-based) validates and the others train. Replaces val_alphabets / val_class_fraction; the test
+    # split is unchanged. None: the usual single hold-out.
+    folds: int | None = None
+    fold: int = 0
     # Image files that are missing, unreadable or truncated: stop with an error naming them ("raise"), or
     # drop them before training and list them in the run's log and report ("skip").
     on_corrupt_image: Literal["raise", "skip"] = "raise"
@@ -73,6 +79,12 @@ class DataConfig:
             raise ConfigError(f"data.val_class_fraction: must be in [0, 1), got {self.val_class_fraction}")
         _positive("data.image_size", self.image_size)
         _positive("data.max_classes", self.max_classes)
+        if self.folds is not None and self.folds < 2:
+            raise ConfigError(f"data.folds: must be >= 2 (or null for no cross-validation), got {self.folds}")
+        if self.folds is None and self.fold != 0:
+            raise ConfigError(f"data.fold: {self.fold} needs data.folds (the number of folds)")
+        if self.folds is not None and not 0 <= self.fold < self.folds:
+            raise ConfigError(f"data.fold: must be in 0..{self.folds - 1} (data.folds={self.folds}), got {self.fold}")
         if self.dataset == "omniglot":
             if self.channels != 1:
                 raise ConfigError(f"data.channels: Omniglot images have 1 channel, got {self.channels}")
@@ -211,6 +223,25 @@ class EvalConfig:
 
 
 @dataclass
+class MethodConfig:
+    """The training method (``dmlgen.methods``): ``standard`` (the loss and regularizers, one step per batch)
+    or ``sharing`` (Sharing Matters / MIC, methods.md §5). ``params`` are checked by the method's own
+    dataclass (e.g. ``dmlgen.methods.sharing.SharingParams``); errors name ``method.params.<key>``."""
+
+    name: Literal["standard", "sharing"] = "standard"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        self.parsed_params()
+
+    def parsed_params(self) -> Any:
+        """``params`` as the method's validated dataclass."""
+        from dmlgen.methods import method_params_class  # methods sit below the engine; imported on use
+
+        return from_dict(method_params_class(self.name), copy.deepcopy(self.params), prefix="method.params")
+
+
+@dataclass
 class RunConfig:
     """A whole training run. ``out_dir`` receives checkpoints, logs, metrics and the report."""
 
@@ -221,6 +252,8 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     # Added to the loss, each with its weight: e.g. [{name: mdr, weight: 0.1}, {name: lsd, weight: 50}].
     regularizers: list[RegularizerConfig] = field(default_factory=list)
+    # How the model is trained: {name: standard} (default) or {name: sharing, params: {...}}.
+    method: MethodConfig = field(default_factory=MethodConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)

@@ -15,11 +15,11 @@ import torch
 from dmlgen.engine.checkpoint import load_checkpoint
 from dmlgen.engine.config import RunConfig, config_from_dict, load_config
 from dmlgen.engine.config_schema import apply_overrides
-from dmlgen.engine.setup import build_model_from_config, build_splits, embed_dataset, resolve_device
+from dmlgen.engine.setup import build_run_model, build_splits, embed_dataset, resolve_device
 from dmlgen.engine.trainer import Trainer, config_differences
 from dmlgen.errors import CheckpointError, ConfigError, DataError
 from dmlgen.models import EmbeddingModel
-from dmlgen.reporting.markdown import write_run_report
+from dmlgen.reporting.html import write_reports
 
 # The Omniglot baselines shipped in configs/omniglot/ (repository checkout or editable install).
 BASELINES = ("triplet_semihard", "multi_similarity")
@@ -36,8 +36,8 @@ def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None
     """Train from a YAML file (or a config object) and write the run folder.
 
     ``overrides`` are ``key=value`` strings (``--set``); ``out_dir`` replaces ``cfg.out_dir``. Returns the
-    test result of the selected checkpoint (the content of ``test_metrics.json``); ``report.md`` is written
-    next to it.
+    test result of the selected checkpoint (the content of ``test_metrics.json``); ``report.md`` and
+    ``report.html`` are written next to it.
     """
     if isinstance(config, RunConfig):
         cfg = config
@@ -50,7 +50,9 @@ def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None
         cfg.out_dir = str(out_dir)
     trainer = Trainer(cfg, progress=progress, pretrained=not resume, resume_command=resume_command)
     result = trainer.fit(resume=resume, overwrite=overwrite)
-    write_run_report(cfg.out_dir, result, trainer.state.history, cfg.to_dict())
+    # report.md, then report.html (a failure of the latter is only a warning: the results are saved).
+    write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), device=cfg.train.device,
+                  progress=progress, strict=False)
     return result
 
 
@@ -140,7 +142,7 @@ def load_trained_model(path: str | Path, device: str = "cpu") -> tuple[Embedding
     """
     ckpt, cfg = _load_run_checkpoint(path)
     try:
-        model = build_model_from_config(cfg.model, in_channels=cfg.data.channels, pretrained=False)
+        model = build_run_model(cfg.model, cfg.method, cfg.data.channels, pretrained=False)
     except ConfigError as exc:
         raise CheckpointError(f"checkpoint {path}: cannot rebuild its model: {exc}") from None
     mine, theirs = model.describe(), ckpt["model_description"]

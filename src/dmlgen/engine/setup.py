@@ -27,12 +27,13 @@ from dmlgen.data.datasets import (
 )
 from dmlgen.data.omniglot import omniglot_splits
 from dmlgen.data.samplers import ClassBalancedBatchSampler
-from dmlgen.data.splits import split_by_class_order, train_val_split
+from dmlgen.data.splits import kfold_classes, split_by_class_order, train_val_split
 from dmlgen.data.standard import STANDARD_DATASETS, load_standard
 from dmlgen.data.transforms import TransformConfig, build_transforms
 from dmlgen.engine.config import (
     DataConfig,
     LossConfig,
+    MethodConfig,
     ModelConfig,
     OptimizerConfig,
     RegularizerConfig,
@@ -42,6 +43,7 @@ from dmlgen.errors import ConfigError, DataError
 from dmlgen.losses import LOSSES, build_loss, build_miner
 from dmlgen.losses._checks import accepted_params
 from dmlgen.losses.regularizers import build_regularizer
+from dmlgen.methods import TrainingMethod, build_method
 from dmlgen.models import EmbeddingModel, build_model
 
 
@@ -112,6 +114,18 @@ def _first_classes(dataset: Any, n: int | None) -> Any:
     return dataset.subset(np.flatnonzero(dataset.labels < n))
 
 
+def _fold_split(pooled: Any, cfg: DataConfig, train_tf: Any, eval_tf: Any) -> tuple[Any, Any]:
+    """``(train, val)`` of cross-validation fold ``cfg.fold`` of ``cfg.folds`` over the classes of ``pooled``
+    (class-disjoint, drawn with ``cfg.split_seed``; the validation groups of all folds partition the classes)."""
+    assert cfg.folds is not None
+    try:
+        folds = kfold_classes(pooled.labels, n_folds=cfg.folds, seed=cfg.split_seed)
+    except DataError as exc:
+        raise DataError(f"{_source(cfg)}: data.folds={cfg.folds}: {exc} (check data.max_classes)") from None
+    train_idx, val_idx = folds[cfg.fold]
+    return pooled.subset(train_idx, transform=train_tf), pooled.subset(val_idx, transform=eval_tf)
+
+
 def _source(cfg: DataConfig) -> str:
     return "the embedded Omniglot" if cfg.dataset == "omniglot" else f"{cfg.dataset} {cfg.path}"
 
@@ -148,10 +162,21 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     (``train_class_fraction``) gives train / test; ``val_class_fraction`` of the training classes validate.
     Standard benchmarks (``cub200``, ``cars196``, ``sop``, ``inshop``, ``cifar10``, ``cifar100``): their fixed
     train / test split (:mod:`dmlgen.data.standard`); In-Shop adds the gallery, with ``test`` the queries.
+    With ``data.folds`` set, train / val are fold ``data.fold`` of a class-disjoint k-fold split of all the
+    training classes (Omniglot: every background alphabet) instead; test is unchanged.
     """
     if cfg.dataset == "omniglot":
         train_tf = build_transforms(cfg.train_transforms, train=True)
         eval_tf = build_transforms(cfg.eval_transforms, train=False)
+        if cfg.folds is not None:
+            # Cross-validation over every background class (no alphabet is held out).
+            parts = omniglot_splits(image_size=cfg.image_size, val_alphabets=0, seed=cfg.split_seed)
+            pooled = _first_classes(ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf),
+                                    cfg.max_classes)
+            train, val = _fold_split(pooled, cfg, train_tf, eval_tf)
+            test = _first_classes(ArrayImageDataset.from_omniglot(parts["test"], transform=eval_tf), cfg.max_classes)
+            train, dropped = _check_single_image_classes(train, cfg)
+            return DataSplits(train=train, val=val, test=test, dropped_classes=dropped)
         parts = omniglot_splits(image_size=cfg.image_size, val_alphabets=cfg.val_alphabets, seed=cfg.split_seed)
         val_set = parts["val"]
         train = _first_classes(ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf), cfg.max_classes)
@@ -192,7 +217,9 @@ def build_splits(cfg: DataConfig) -> DataSplits:
         except DataError as exc:
             raise DataError(f"{_source(cfg)} has {full.num_classes} class(es): {exc}") from None
         full_train, test = full.subset(train_idx), full.subset(test_idx)
-    if cfg.val_class_fraction > 0:
+    if cfg.folds is not None:
+        train, val = _fold_split(_first_classes(full_train, cfg.max_classes), cfg, train_tf, eval_tf)
+    elif cfg.val_class_fraction > 0:
         try:
             tr_idx, val_idx = train_val_split(full_train.labels, val_fraction=cfg.val_class_fraction,
                                               seed=cfg.split_seed)
@@ -394,6 +421,19 @@ def build_model_from_config(cfg: ModelConfig, in_channels: int, *, pretrained: b
         freeze_bn=cfg.freeze_bn,
         scale_by_mean_distance=cfg.scale_by_mean_distance,
     )
+
+
+def build_method_from_config(cfg: MethodConfig) -> TrainingMethod:
+    """The configured training method (``method:``), its params validated by the method's dataclass."""
+    return build_method(cfg.name, cfg.parsed_params())
+
+
+def build_run_model(model_cfg: ModelConfig, method_cfg: MethodConfig, in_channels: int, *,
+                    pretrained: bool = True, method: TrainingMethod | None = None) -> EmbeddingModel:
+    """The model a run trains and deploys: the configured one as its method wraps it (Sharing: a second
+    head on the same backbone); ``forward`` is the test-time embedding."""
+    model = build_model_from_config(model_cfg, in_channels, pretrained=pretrained)
+    return (method or build_method_from_config(method_cfg)).wrap_model(model)
 
 
 class Criterion(nn.Module):

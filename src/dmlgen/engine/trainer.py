@@ -42,9 +42,10 @@ from dmlgen.engine.setup import (
     SeededDataset,
     build_criterion,
     build_loader,
-    build_model_from_config,
+    build_method_from_config,
     build_optimizer,
     build_regularizers,
+    build_run_model,
     build_sampler,
     build_scheduler,
     build_splits,
@@ -55,6 +56,7 @@ from dmlgen.engine.setup import (
 )
 from dmlgen.errors import CheckpointError, ConfigError, DataError, DmlgenError
 from dmlgen.evaluation.evaluate import evaluate_embeddings
+from dmlgen.methods import MethodSetup
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -198,6 +200,35 @@ def _check_query_gallery(query: Any, gallery: Any, ks: list[int]) -> None:
         raise DataError(f"the gallery has {len(gallery)} images, too few for Recall@{max(ks)} (eval.ks={ks})")
 
 
+class _MethodContext:
+    """The trainer's side of a training method's step (:class:`dmlgen.methods.base.StepContext`)."""
+
+    def __init__(self, trainer: Trainer, logger: RunLogger) -> None:
+        self._trainer = trainer
+        self._logger = logger
+        self.device = trainer.device
+        self.use_amp = trainer.use_amp
+        self.model = trainer.model
+        self.criterion = trainer.criterion
+
+    @property
+    def epoch(self) -> int:
+        return self._trainer.state.epoch
+
+    @property
+    def step(self) -> int:
+        return self._trainer.state.step_in_epoch
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        self._trainer._optimizer_step(loss)
+
+    def embed_train(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._trainer._embed_train(module)
+
+    def log(self, event: str, **fields: Any) -> None:
+        self._logger.event(event, **fields)
+
+
 class Trainer:
     """Trains one :class:`RunConfig`; :meth:`fit` returns the test result of the selected checkpoint.
 
@@ -225,7 +256,10 @@ class Trainer:
                 _check_query_gallery(self.splits.test, self.gallery, cfg.eval.ks)
             elif getattr(self.splits, name) is not None:
                 _check_eval_split(name, getattr(self.splits, name), cfg.eval.ks)
-        self.model = build_model_from_config(cfg.model, in_channels=cfg.data.channels, pretrained=pretrained)
+        # The training method (method: standard | sharing) may wrap the model (Sharing: a second head).
+        self.method = build_method_from_config(cfg.method)
+        self.model = build_run_model(cfg.model, cfg.method, cfg.data.channels, pretrained=pretrained,
+                                     method=self.method)
         self.model.to(self.device)
         self._probe_model()
         self.criterion: Criterion = build_criterion(cfg.loss, num_classes=self.splits.train.num_classes,
@@ -240,8 +274,18 @@ class Trainer:
         self.steps_per_epoch = len(self.sampler)
         if cfg.train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
+        self.method.setup(MethodSetup(
+            train_labels=np.asarray(self.splits.train.labels), num_classes=int(self.splits.train.num_classes),
+            classes_per_batch=cfg.data.classes_per_batch, samples_per_class=cfg.data.samples_per_class,
+            batch_size=cfg.data.classes_per_batch * cfg.data.samples_per_class,
+            steps_per_epoch=self.steps_per_epoch, seed=cfg.train.seed, has_regularizers=len(self.regularizers) > 0,
+        ), self.model)
+        self.method.modules().to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.criterion, loss_lr=cfg.loss.lr,
                                          regularizers=self.regularizers)
+        for group in self.method.param_groups(self.model):  # e.g. Sharing's shared head, β, decorrelation MLP
+            if group["params"]:
+                self.optimizer.add_param_group(group)
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, epochs=cfg.train.epochs)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
@@ -287,6 +331,8 @@ class Trainer:
         if full:
             if self.teacher is not None:
                 ckpt["teacher"] = self.teacher.state_dict()
+            if self.method.custom_step:
+                ckpt["method"] = self.method.state_dict()
             ckpt.update(
                 epoch_regularizer_sums=dict(s.epoch_regularizer_sums),
                 optimizer=self.optimizer.state_dict(),
@@ -345,6 +391,10 @@ class Trainer:
                 if "teacher" not in ckpt:
                     raise KeyError("the checkpoint holds no teacher snapshot")
                 self.teacher.load_state_dict(ckpt["teacher"])
+            if self.method.custom_step:
+                if "method" not in ckpt:
+                    raise KeyError(f"the checkpoint holds no state of method {self.method.name!r}")
+                self.method.load_state_dict(ckpt["method"])
             self.optimizer.load_state_dict(ckpt["optimizer"])
             self.scheduler.load_state_dict(ckpt["scheduler"])
             self.sampler.load_state_dict(ckpt["sampler"])
@@ -429,6 +479,11 @@ class Trainer:
             penalty = reg.penalty()
             if penalty is not None:
                 loss = loss + penalty
+        self._optimizer_step(loss)
+        return float(loss.detach()), {k: float(v) for k, v in reg_values.items()}
+
+    def _optimizer_step(self, loss: torch.Tensor) -> None:
+        """Backward and one optimiser step (scaled under AMP, optional clipping); a non-finite loss raises."""
         if not torch.isfinite(loss):
             raise TrainingDiverged(
                 f"loss is {loss.item()} at epoch {self.state.epoch + 1}, step {self.state.step_in_epoch + 1}: "
@@ -436,12 +491,21 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        if cfg.train.grad_clip_norm is not None:
+        if self.cfg.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self._trainable_params(), cfg.train.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(self._trainable_params(), self.cfg.train.grad_clip_norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach()), {k: float(v) for k, v in reg_values.items()}
+
+    def _embed_train(self, module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """``module`` over the training images without augmentation (the test split's eval transform)."""
+        train = self.splits.train
+        plain = train.subset(np.arange(len(train)), transform=getattr(self.splits.test, "transform", None))
+        return embed_dataset(
+            module, plain, batch_size=self.cfg.eval.batch_size, device=self.device,
+            num_workers=self.cfg.data.num_workers, progress=self.progress, desc="embedding train",
+            should_stop=lambda: self._guard.requested,
+        )
 
     def _train_epoch(self, logger: RunLogger) -> None:
         """Train the remaining steps of the epoch in progress (all of them, or those after a resume point)."""
@@ -452,25 +516,44 @@ class Trainer:
         self.model.train()
         self.criterion.train()
         self.regularizers.train()
+        self.method.modules().train()
+        context = _MethodContext(self, logger)
+        if self.method.custom_step and state.step_in_epoch == 0:
+            self.method.on_epoch_start(context)  # e.g. MIC's (re-)clustering; a mid-epoch resume has its state
         batches = SeededBatches(self.sampler, seed=cfg.train.seed, epoch=epoch, start_batch=state.step_in_epoch,
                                 num_batches=self.steps_per_epoch)
         loader = build_loader(SeededDataset(self.splits.train), batches, cfg.data.num_workers,
                               seed=cfg.train.seed + epoch)
+        # A method's extra streams (Sharing's shared batches), aligned with the class stream step by step; their
+        # augmentation seeds come from a seed of their own.
+        extra_loaders = {
+            name: build_loader(
+                SeededDataset(self.splits.train),
+                SeededBatches(sampler, seed=cfg.train.seed + 1_000_003 * (i + 1), epoch=epoch,
+                              start_batch=state.step_in_epoch, num_batches=self.steps_per_epoch),
+                cfg.data.num_workers, seed=cfg.train.seed + epoch + 1_000_003 * (i + 1))
+            for i, (name, sampler) in enumerate(self.method.streams().items())
+        }
         bar = tqdm(total=self.steps_per_epoch, initial=state.step_in_epoch, desc=f"epoch {epoch + 1}/"
                    f"{cfg.train.epochs}", disable=not self.progress, leave=False, dynamic_ncols=True)
         start = time.perf_counter()
         try:
             iterator = iter(loader)
+            extra_iterators = {name: iter(extra) for name, extra in extra_loaders.items()}
             while True:
                 try:
-                    images, labels, _ = next(iterator)
+                    images, labels, indices = next(iterator)
+                    extra_batches = {name: next(it) for name, it in extra_iterators.items()}
                 except StopIteration:
                     break
                 except DataError as exc:
                     self._stop_on_data_error(exc, logger)
                 # The step's own randomness (dropout, random miners) depends on (seed, epoch, step) only.
                 torch.manual_seed(_step_seed(cfg.train.seed, epoch, state.step_in_epoch))
-                value, reg_values = self._train_step(images, labels)
+                if self.method.custom_step:
+                    value, reg_values = self.method.train_step(context, (images, labels, indices), extra_batches)
+                else:
+                    value, reg_values = self._train_step(images, labels)
                 state.epoch_loss_sum += value
                 for name, reg_value in reg_values.items():
                     state.epoch_regularizer_sums[name] = state.epoch_regularizer_sums.get(name, 0.0) + reg_value

@@ -33,8 +33,8 @@ def ordered_metric_names(names: Sequence[str]) -> list[str]:
 
 def _cell(name: str, value: Any) -> str:
     # Counts (num_*, *_steps) read better as integers than as 200.0000.
-    if (name.startswith(("num_", "val_num_")) or name.endswith("_steps")) and isinstance(value, float) \
-            and value.is_integer():
+    if (name.startswith(("num_", "val_num_")) or name.endswith("_steps") or name == "rank") \
+            and isinstance(value, float) and value.is_integer():
         return str(int(value))
     return _fmt(value)
 
@@ -61,8 +61,11 @@ def _selection_line(result: Mapping[str, Any]) -> str:
 
 
 def write_run_report(out_dir: str | Path, result: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                     config: Mapping[str, Any]) -> Path:
-    """``report.md`` of a training run: setup, test metrics of the selected checkpoint, epoch table."""
+                     config: Mapping[str, Any], extra: Sequence[str] = ()) -> Path:
+    """``report.md`` of a training run: setup, test metrics of the selected checkpoint, epoch table.
+
+    ``extra``: Markdown lines placed after the test metrics (the HTML report's link, diagnostics and worst
+    queries, see :func:`dmlgen.reporting.html.write_reports`)."""
     out_dir = Path(out_dir)
     splits = result.get("splits", {})
     model, loss, data = config.get("model", {}), config.get("loss", {}), config.get("data", {})
@@ -83,6 +86,7 @@ def write_run_report(out_dir: str | Path, result: Mapping[str, Any], history: Se
         "",
         metrics_table({"test": result.get("test", {})}),
         "",
+        *extra,
     ]
     skipped = result.get("skipped_images") or []
     if skipped:
