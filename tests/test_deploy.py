@@ -531,3 +531,16 @@ def test_cli_errors(ckpt: Path, gallery: Path, tmp_path: Path, capsys: pytest.Ca
     assert main(["export", "--checkpoint", str(ckpt), "--format", "onnx", "--out", str(tmp_path / "m.onnx"),
                  "--atol", "0"]) == 2
     assert "--atol: must be > 0" in _error(capsys)
+
+
+def test_approximate_search_survives_faiss_torch_utils() -> None:
+    """faiss.contrib.torch_utils (imported by pytorch-metric-learning) swaps Index.search for a version
+    without `params`; the index must keep working after that import."""
+    import faiss.contrib.torch_utils  # noqa: F401
+
+    x = _clustered(600, 16, 10, seed=5)
+    for kind, params in (("ivf", {"nlist": 16, "nprobe": 16}), ("hnsw", {"hnsw_m": 8, "ef_construction": 32,
+                                                                         "ef_search": 64})):
+        index = EmbeddingIndex.build(x, kind, "euclidean", **params)
+        dist, idx = index.search(x[:20], 3)
+        assert idx[:, 0].tolist() == list(range(20)) and np.allclose(dist[:, 0], 0.0)

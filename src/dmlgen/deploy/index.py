@@ -199,8 +199,11 @@ class EmbeddingIndex:
             dist, idx = res.distances.numpy(), res.indices.numpy()
         else:
             faiss = _import_faiss(self.kind)
-            dist, idx = self.faiss_index.search(np.ascontiguousarray(q.numpy()), k,
-                                                params=self._search_parameters(faiss, k, nprobe, ef_search))
+            # faiss.contrib.torch_utils (imported by pytorch-metric-learning, for one) replaces Index.search
+            # with a version without `params`, keeping the numpy one as `search_numpy`.
+            search = getattr(self.faiss_index, "search_numpy", self.faiss_index.search)
+            dist, idx = search(np.ascontiguousarray(q.numpy()), k,
+                               params=self._search_parameters(faiss, k, nprobe, ef_search))
             idx = idx.astype(np.int64)
             short = np.flatnonzero((idx < 0).any(axis=1))
             if len(short):
