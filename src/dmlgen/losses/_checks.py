@@ -87,3 +87,19 @@ def build_from_spec(kind: str, table: Mapping[str, Callable[..., T]], spec: Any)
     raise ConfigError(
         f"{kind} must be a module, a name ({', '.join(sorted(table))}) or a mapping with 'name', got {spec!r}"
     )
+
+
+def check_triplets_per_anchor(owner: str, value: Any) -> int | str:
+    """``"all"`` or an integer >= 1 (random triplets per anchor)."""
+    if value != "all" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"{owner}: triplets_per_anchor must be 'all' or an integer >= 1, got {value!r}")
+    return value
+
+
+def check_generator(owner: str, value: Any) -> Any:
+    """None or a ``torch.Generator``."""
+    import torch
+
+    if value is not None and not isinstance(value, torch.Generator):
+        raise ConfigError(f"{owner}: generator must be a torch.Generator, got {value!r}")
+    return value

@@ -20,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmlgen.errors import ConfigError
 
-from ._checks import check_bool, check_choice, check_int, check_number
+from ._checks import check_bool, check_choice, check_generator, check_int, check_number, check_triplets_per_anchor
 from .base import BaseMetricLoss
 from .batch import MetricBatch
 from .distances import DistanceSpec, LpDistance
@@ -84,18 +83,8 @@ class MarginLoss(BaseMetricLoss):
         self.num_classes = None if num_classes is None else check_int(owner, "num_classes", num_classes)
         self.learn_beta = check_bool(owner, "learn_beta", learn_beta)
         self.denominator = check_choice(owner, "denominator", denominator, self.DENOMINATORS)
-        if triplets_per_anchor != "all" and (
-            isinstance(triplets_per_anchor, bool)
-            or not isinstance(triplets_per_anchor, int)
-            or triplets_per_anchor < 1
-        ):
-            raise ConfigError(
-                f"{owner}: triplets_per_anchor must be 'all' or an integer >= 1, got {triplets_per_anchor!r}"
-            )
-        self.triplets_per_anchor = triplets_per_anchor
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ConfigError(f"{owner}: generator must be a torch.Generator, got {generator!r}")
-        self.generator = generator
+        self.triplets_per_anchor = check_triplets_per_anchor(owner, triplets_per_anchor)
+        self.generator = check_generator(owner, generator)
         initial = torch.full((self.num_classes or 1,), beta0)
         if self.learn_beta:
             self.beta = torch.nn.Parameter(initial)

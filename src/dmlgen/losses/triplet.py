@@ -13,9 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dmlgen.errors import ConfigError
 
-from ._checks import check_bool, check_number
+from ._checks import check_bool, check_generator, check_number, check_triplets_per_anchor
 from .base import BaseMetricLoss
 from .batch import MetricBatch
 from .distances import BaseDistance, DistanceSpec, LpDistance
@@ -66,18 +65,8 @@ class TripletMarginLoss(BaseMetricLoss):
         self.margin = check_number(owner, "margin", margin)
         self.swap = check_bool(owner, "swap", swap)
         self.smooth_loss = check_bool(owner, "smooth_loss", smooth_loss)
-        if triplets_per_anchor != "all" and (
-            isinstance(triplets_per_anchor, bool)
-            or not isinstance(triplets_per_anchor, int)
-            or triplets_per_anchor < 1
-        ):
-            raise ConfigError(
-                f"{owner}: triplets_per_anchor must be 'all' or an integer >= 1, got {triplets_per_anchor!r}"
-            )
-        self.triplets_per_anchor = triplets_per_anchor
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise ConfigError(f"{owner}: generator must be a torch.Generator, got {generator!r}")
-        self.generator = generator
+        self.triplets_per_anchor = check_triplets_per_anchor(owner, triplets_per_anchor)
+        self.generator = check_generator(owner, generator)
 
     def compute_loss(self, batch: MetricBatch, indices_tuple: IndicesTuple | None) -> dict[str, LossTerm]:
         if indices_tuple is None and self.triplets_per_anchor == "all":
