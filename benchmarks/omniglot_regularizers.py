@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sweep import Variant, markdown_table, mean_ci, run_variants  # noqa: E402
+from _sweep import Variant, print_results, run_variants  # noqa: E402
 
 TEST_METRICS = "eval.test_metrics=[recall, precision@1, r_precision, map@r, nmi, ami, rho]"
 VARIANTS = {
@@ -69,11 +69,7 @@ def main() -> None:
 
     results = run_variants([VARIANTS[v] for v in args.variants], args.seeds, args.out,
                            [TEST_METRICS, *args.overrides])
-    print(f"\nOmniglot evaluation set (659 unseen classes), seeds {args.seeds}, mean ± 95% CI")
-    print(markdown_table(results, METRICS))
-    walls = {name: mean_ci([r["wall_seconds"] for r in rows])[0] for name, rows in results.items()}
-    print("mean wall seconds per run: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
-    (Path(args.out) / "summary.json").write_text(json.dumps(results, indent=2))
+    print_results(results, METRICS, args.seeds, args.out)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sweep import Variant, markdown_table, mean_ci, run_variants  # noqa: E402
+from _sweep import Variant, print_results, run_variants  # noqa: E402
 
 TEST_METRICS_LIST = ["recall", "precision@1", "r_precision", "map@r", "nmi", "ami", "rho"]
 TEST_METRICS = f"eval.test_metrics=[{', '.join(TEST_METRICS_LIST)}]"
@@ -108,11 +108,7 @@ def main() -> None:
                 row["wall_seconds"] = class_row["wall_seconds"]
                 rows.append(row)
             table[f"{v.name} [concat]"] = rows
-    print(f"\nOmniglot evaluation set (659 unseen classes), seeds {args.seeds}, mean ± 95% CI")
-    print(markdown_table(table, METRICS))
-    walls = {name: mean_ci([r["wall_seconds"] for r in rows])[0] for name, rows in results.items()}
-    print("mean wall seconds per run: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
-    (Path(args.out) / "summary.json").write_text(json.dumps(table, indent=2))
+    print_results(table, METRICS, args.seeds, args.out)
 
 
 if __name__ == "__main__":
