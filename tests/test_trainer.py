@@ -464,3 +464,25 @@ def test_bad_image_mid_epoch_keeps_the_progress(tmp_path: Path, straight: Path,
     monkeypatch.undo()
     run(tmp_path, *AUGMENT, resume=True)
     assert_same_run(straight, tmp_path)
+
+
+def test_resume_of_a_checkpoint_written_before_newer_config_keys(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A last.ckpt whose config predates keys added later (method, regularizers) holds their defaults, so it
+    resumes; a real difference is still refused."""
+    interrupt_at(monkeypatch, 4)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path)
+    monkeypatch.undo()
+    ckpt = load_checkpoint(tmp_path / LAST)
+    for key in ("method", "regularizers"):
+        ckpt["config"].pop(key, None)
+    torch.save(ckpt, tmp_path / LAST)
+    run(tmp_path, resume=True)
+    assert load_checkpoint(tmp_path / LAST)["epoch"] == 2
+    interrupt_at(monkeypatch, 1)
+    with pytest.raises(TrainingInterrupted):
+        run(tmp_path / "b")
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match="different config"):
+        run(tmp_path / "b", "loss.params={margin: 0.3}", resume=True)

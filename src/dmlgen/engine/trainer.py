@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from dmlgen.data.standard import shared_class_codes
 from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
-from dmlgen.engine.config import RunConfig
+from dmlgen.engine.config import RunConfig, config_from_dict
 from dmlgen.engine.logging import RunLogger
 from dmlgen.engine.teacher import EpochSnapshotTeacher
 from dmlgen.engine.setup import (
@@ -157,6 +157,15 @@ def config_differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[s
     """``(key, old value, new value)`` for every leaf that differs between two config dicts."""
     a, b = _flatten(old), _flatten(new)
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def _with_defaults(saved: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's config with the defaults of keys added since it was written (e.g. ``method``,
+    ``regularizers``), so that only real differences block a resume; as saved if it no longer validates."""
+    try:
+        return config_from_dict(saved).to_dict()
+    except ConfigError:
+        return saved
 
 
 def _step_seed(seed: int, epoch: int, step: int) -> int:
@@ -376,7 +385,8 @@ class Trainer:
             diff = [f"{k} {theirs.get(k)!r} != {mine.get(k)!r}" for k in sorted(set(theirs) | set(mine))
                     if theirs.get(k) != mine.get(k)]
             raise CheckpointError(f"checkpoint {path} is from another model ({'; '.join(diff[:4])})")
-        diffs = [d for d in config_differences(ckpt["config"], self.cfg.to_dict()) if d[0] not in RESUME_MAY_CHANGE]
+        diffs = [d for d in config_differences(_with_defaults(ckpt["config"]), self.cfg.to_dict())
+                 if d[0] not in RESUME_MAY_CHANGE]
         if diffs:
             shown = "; ".join(f"{k}: {a!r} in the checkpoint, {b!r} now" for k, a, b in diffs[:5])
             raise CheckpointError(
