@@ -1,0 +1,155 @@
+"""Regularizer overhead (issue 5): what MDR adds to the loss step, and what LSD costs per training step.
+
+MDR: forward + backward of the triplet loss with its distance-weighted miner (MDR's recipe: margin 0.2,
+``all_pos_pairs``) alone, against the same plus MDR, at batch 256 (64 classes x 4) x 512-d fp32. Target:
+MDR adds at most 20% to the loss step.
+
+LSD: one full training step (student forward, multi-similarity loss + miner, backward, Adam step) with and
+without LSD, against the bare teacher forward (the epoch snapshot in eval mode, no gradients) that LSD needs
+on the same batch, and the LSD loss alone (forward + backward on fixed embeddings). "LSD extra / teacher
+forward" near 1 means LSD costs the teacher forward and nothing more.
+Backbones: convnet4 at 28 px (the Omniglot configs, batch 128) and resnet18 at 112 px (batch 64).
+
+Both variants of each comparison run interleaved in one process (the order alternates every repeat); each cell
+is the median over ``--repeats`` timed calls after ``--warmup`` untimed ones.
+
+Run:  .venv/bin/python benchmarks/regularizer_speed.py [--repeats 50] [--threads 1] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loss_speed import make_batch  # noqa: E402
+
+import dmlgen.losses as dl  # noqa: E402
+from dmlgen.engine.config import ModelConfig  # noqa: E402
+from dmlgen.engine.setup import build_model_from_config  # noqa: E402
+from dmlgen.engine.teacher import EpochSnapshotTeacher  # noqa: E402
+from dmlgen.losses.regularizers import ListwiseSelfDistillation, MDRRegularizer  # noqa: E402
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function, calls interleaved and the order alternated per repeat."""
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else reversed(names):
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {n: statistics.median(t) for n, t in times.items()}
+
+
+def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
+    x, labels = make_batch(0)
+    miner = dl.DistanceWeightedMiner(lower=0.5, upper=1.4, layout="all_pos_pairs",
+                                     generator=torch.Generator().manual_seed(0))
+    triplet = dl.TripletMarginLoss(margin=0.2)
+    mdr = MDRRegularizer(weight=0.6)
+
+    def loss_only() -> None:
+        emb = x.clone().requires_grad_(True)
+        triplet(emb, labels, miner(emb, labels)).backward()
+
+    def loss_and_mdr() -> None:
+        emb = x.clone().requires_grad_(True)
+        total = triplet(emb, labels, miner(emb, labels)) + mdr.weight * mdr(emb, labels) + mdr.penalty()
+        total.backward()
+
+    def mdr_only() -> None:
+        emb = x.clone().requires_grad_(True)
+        (mdr(emb, labels) + mdr.penalty()).backward()
+
+    t = interleaved({"triplet": loss_only, "triplet+mdr": loss_and_mdr, "mdr": mdr_only}, repeats, warmup)
+    return {**{f"{k}_ms": 1000 * v for k, v in t.items()},
+            "mdr_added_fraction": (t["triplet+mdr"] - t["triplet"]) / t["triplet"]}
+
+
+def lsd_cost(backbone: str, size: int, channels: int, classes: int, per_class: int, repeats: int,
+             warmup: int) -> dict[str, float]:
+    torch.manual_seed(0)
+    model = build_model_from_config(ModelConfig(backbone=backbone, embedding_size=128), channels, pretrained=False)
+    model.train()
+    teacher = EpochSnapshotTeacher(model)
+    teacher.refresh(model)
+    loss = dl.MultiSimilarityLoss()
+    miner = dl.MultiSimilarityMiner()
+    lsd = ListwiseSelfDistillation(weight=50.0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(classes * per_class, channels, size, size, generator=g)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+
+    def step(with_lsd: bool) -> None:
+        emb = model(images)
+        total = loss(emb, labels, miner(emb, labels))
+        if with_lsd:
+            total = total + lsd.weight * lsd(emb, labels, teacher(images))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    with torch.no_grad():
+        student_emb, teacher_emb = model(images), teacher(images)
+
+    def lsd_only() -> None:
+        emb = student_emb.clone().requires_grad_(True)
+        lsd(emb, labels, teacher_emb).backward()
+
+    t = interleaved({"step": lambda: step(False), "step+lsd": lambda: step(True),
+                     "teacher_forward": lambda: teacher(images), "lsd_loss": lsd_only}, repeats, warmup)
+    extra = t["step+lsd"] - t["step"]
+    return {**{f"{k}_ms": 1000 * v for k, v in t.items()}, "lsd_extra_ms": 1000 * extra,
+            "lsd_extra_over_teacher_forward": extra / t["teacher_forward"],
+            "lsd_added_fraction": extra / t["step"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__}
+    results["mdr"] = mdr_overhead(args.repeats, args.warmup)
+    m = results["mdr"]
+    print(f"MDR at 256 x 512, {args.threads} thread(s), median of {args.repeats}")
+    print("| triplet + DW miner (ms) | + MDR (ms) | MDR alone (ms) | MDR adds | target |")
+    print("|---:|---:|---:|---:|---:|")
+    print(f"| {m['triplet_ms']:.2f} | {m['triplet+mdr_ms']:.2f} | {m['mdr_ms']:.2f} | "
+          f"{100 * m['mdr_added_fraction']:+.1f}% | <= 20% |")
+
+    settings = [("convnet4", 28, 1, 32, 4, args.repeats), ("resnet18", 112, 3, 16, 4, max(5, args.repeats // 5))]
+    print("\nLSD per training step (multi-similarity loss, Adam)")
+    print("| backbone | batch | step (ms) | step + LSD (ms) | LSD extra (ms) | teacher forward (ms) | "
+          "LSD loss alone (ms) | extra / teacher fwd | extra / step |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for backbone, size, channels, classes, per_class, reps in settings:
+        r = lsd_cost(backbone, size, channels, classes, per_class, reps, min(args.warmup, reps))
+        results[f"lsd_{backbone}"] = r
+        print(f"| {backbone} {size} px | {classes * per_class} | {r['step_ms']:.1f} | {r['step+lsd_ms']:.1f} | "
+              f"{r['lsd_extra_ms']:.1f} | {r['teacher_forward_ms']:.1f} | {r['lsd_loss_ms']:.2f} | "
+              f"{r['lsd_extra_over_teacher_forward']:.2f} | {100 * r['lsd_added_fraction']:+.1f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
