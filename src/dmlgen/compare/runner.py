@@ -57,8 +57,10 @@ def run_final(cfg: CompareConfig, method: MethodSpec, params: dict[str, Any], *,
             resume = (folder / LAST).is_file()
             log(f"[{method.name}] final run, seed {seed}{' (resumed)' if resume else ''}: {folder}")
             start = time.perf_counter()
+            # report.md per run; the compare's own results.html replaces one HTML page per seed and method
+            # (each would embed the test split again), and `dmlgen report FOLDER` still writes one.
             result = train(run_cfg, out_dir=folder, resume=resume, overwrite=True, progress=False,
-                           resume_command=resume_command)
+                           resume_command=resume_command, html_report=False)
             log(f"[{method.name}] seed {seed}: test {cfg.score_metric} "
                 f"{result['test'].get(cfg.score_metric, float('nan')):.4f} (epoch {result['selected_epoch']}); "
                 f"{time.perf_counter() - start:.0f} s")
