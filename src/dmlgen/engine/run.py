@@ -32,12 +32,13 @@ _ARCHITECTURE_KEYS = ("model.backbone", "model.embedding_size", "model.head_hidd
 
 def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None, *, out_dir: str | Path | None = None,
           resume: bool = False, overwrite: bool = False, progress: bool = True,
-          resume_command: str | None = None) -> dict[str, Any]:
+          resume_command: str | None = None, html_report: bool = True) -> dict[str, Any]:
     """Train from a YAML file (or a config object) and write the run folder.
 
     ``overrides`` are ``key=value`` strings (``--set``); ``out_dir`` replaces ``cfg.out_dir``. Returns the
     test result of the selected checkpoint (the content of ``test_metrics.json``); ``report.md`` and
-    ``report.html`` are written next to it.
+    ``report.html`` are written next to it (``html_report=False``: report.md only, which saves the test
+    embedding, neighbours and 2-D map of the HTML page; ``dmlgen report`` writes it later).
     """
     if isinstance(config, RunConfig):
         cfg = config
@@ -51,8 +52,8 @@ def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None
     trainer = Trainer(cfg, progress=progress, pretrained=not resume, resume_command=resume_command)
     result = trainer.fit(resume=resume, overwrite=overwrite)
     # report.md, then report.html (a failure of the latter is only a warning: the results are saved).
-    write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), device=cfg.train.device,
-                  progress=progress, strict=False)
+    write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), html=html_report,
+                  device=cfg.train.device, progress=progress, strict=False)
     return result
 
 
