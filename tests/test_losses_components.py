@@ -237,7 +237,7 @@ def test_registry_builds_fixed_names():
     assert isinstance(build_miner("batch_hard"), L.BatchHardMiner)
     assert isinstance(build_miner("distance_weighted", upper=None), L.DistanceWeightedMiner)
     assert set(L.LOSSES) == {"triplet_margin", "multi_similarity", "contrastive", "margin", "proxy_anchor",
-                             "normalized_softmax"}
+                             "normalized_softmax", "ntxent"}
     assert set(L.MINERS) == {"triplet_margin", "multi_similarity", "batch_hard", "distance_weighted"}
     with pytest.raises(ConfigError, match="missing parameter.*'embedding_size'"):
         build_loss("proxy_anchor", num_classes=3)

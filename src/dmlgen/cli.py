@@ -260,12 +260,14 @@ def _add_train(sub: _Subparsers) -> None:
 def _run_train(args: argparse.Namespace) -> int:
     import shlex
 
+    from dmlgen.engine.distributed import is_main_process, launch_prefix
     from dmlgen.engine.run import train
     from dmlgen.engine.trainer import TrainingInterrupted
 
     if args.resume and args.overwrite:
         raise ConfigError("--resume and --overwrite exclude each other")
-    command = ["dmlgen", "train", args.config]
+    # Under torchrun the resume hint is a torchrun command with the same number of processes.
+    command = [*launch_prefix(), "train", args.config]
     for item in args.overrides:
         command += ["--set", item]
     if args.out:
@@ -276,8 +278,11 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train(args.config, args.overrides, out_dir=args.out, resume=args.resume,
                        overwrite=args.overwrite, progress=not args.no_progress, resume_command=resume_command)
     except TrainingInterrupted as exc:
-        print(str(exc), file=sys.stderr)
+        if is_main_process():
+            print(str(exc), file=sys.stderr)
         return 130
+    if not is_main_process():
+        return 0  # distributed training: rank 0 reports
     out = Path(args.out) if args.out else None
     if out is None:
         from dmlgen.engine.config import load_config

@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import math
 import warnings
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from torch.utils.data import Sampler
 
 from dmlgen.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["ClassBalancedBatchSampler"]
+__all__ = ["ClassBalancedBatchSampler", "ShardedBatchSampler", "shard_batch"]
 
 _STATE_VERSION = 1
 
@@ -359,3 +359,69 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         next_pos = by_class[pointer[others]]
         extra = others[np.argsort(next_pos, kind="stable")[: need - len(must)]]
         return must.tolist() + extra.tolist()
+
+
+# --------------------------------------------------------------------------------------------- sharding
+_T = TypeVar("_T")
+
+
+def shard_batch(batch: Sequence[_T], rank: int, world_size: int, samples_per_class: int) -> list[_T]:
+    """Process ``rank``'s part of a class-balanced batch for distributed training: the ``rank``-th of
+    ``world_size`` equal contiguous slices.
+
+    The ``m = samples_per_class`` images of a class are adjacent in a :class:`ClassBalancedBatchSampler` batch
+    and each class appears once, so a slice whose length is a multiple of ``m`` holds whole classes: every
+    process gets ``P / W`` classes with ``m`` images each (its positives are local), and the slices in rank
+    order are the batch itself. Raises ConfigError when the batch does not split into whole classes.
+    """
+    n = len(batch)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"shard_batch: rank {rank} is not in 0..{world_size - 1}")
+    if n % (world_size * samples_per_class) != 0:
+        raise ConfigError(
+            f"shard_batch: a batch of {n} images ({n // max(samples_per_class, 1)} classes x {samples_per_class}) "
+            f"cannot be split into {world_size} parts of whole classes; data.classes_per_batch must be a multiple "
+            f"of the number of processes ({world_size})"
+        )
+    size = n // world_size
+    return list(batch[rank * size: (rank + 1) * size])
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """One process's part of every batch of a :class:`ClassBalancedBatchSampler` (:func:`shard_batch`).
+
+    Every process builds the same sampler (same labels and seed) and wraps it with its own ``rank``: the
+    processes see disjoint parts of the same global batches, in step. ``set_epoch``, ``state_dict`` and
+    ``load_state_dict`` act on the wrapped sampler, whose position counts global batches.
+    """
+
+    def __init__(self, sampler: ClassBalancedBatchSampler, rank: int, world_size: int) -> None:
+        if sampler.classes_per_batch % world_size != 0:
+            raise ConfigError(
+                f"ShardedBatchSampler: classes_per_batch={sampler.classes_per_batch} is not a multiple of the "
+                f"{world_size} processes, so a batch cannot be split into whole classes"
+            )
+        if not sampler.drop_last and sampler.num_full_batches != len(sampler):
+            # The smaller final batches of drop_last=False need not split evenly.
+            raise ConfigError("ShardedBatchSampler: needs a sampler with drop_last=True (only full batches)")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"ShardedBatchSampler: rank {rank} is not in 0..{world_size - 1}")
+        self.sampler = sampler
+        self.rank = int(rank)
+        self.world_size = int(world_size)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.sampler:
+            yield shard_batch(batch, self.rank, self.world_size, self.sampler.samples_per_class)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch=start_batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state)

@@ -24,6 +24,43 @@ def _positive(name: str, value: float | int | None, allow_zero: bool = False) ->
 
 
 @dataclass
+class UnlabeledConfig:
+    """Images without labels for semi-supervised methods (SLADE, docs/slade.md), ``data.unlabeled``.
+
+    ``source``: ``train_alphabets`` (Omniglot: whole training alphabets, ``alphabets`` of them drawn with
+    ``seed`` or their names, leave the labeled training split and become the unlabeled pool),
+    ``train_classes`` (any dataset: a ``class_fraction`` of the training classes), ``image_folder`` (every
+    image under ``path``, e.g. NABirds next to CUB) or ``npz`` (array ``images``, optional ``labels``).
+    Labels of moved images are kept hidden: only the pseudo-label purity report reads them
+    (``image_folder`` with ``hidden_labels_from_folders``: the first sub-folder's name). ``max_images``: a
+    random subset of at most that many images (drawn with ``seed``).
+    """
+
+    source: Literal["train_alphabets", "train_classes", "image_folder", "npz"] = "train_alphabets"
+    alphabets: int | list[str] = 15
+    class_fraction: float = 0.5
+    path: str | None = None
+    hidden_labels_from_folders: bool = False
+    max_images: int | None = None
+    seed: int = 0
+
+    def check(self) -> None:
+        """Cross-field checks, run by :meth:`DataConfig.validate` (an error raised while the optional section is
+        converted would be reported only as "not a valid UnlabeledConfig | None")."""
+        if self.source in ("image_folder", "npz") and not self.path:
+            raise ConfigError(f"data.unlabeled.path: required for source {self.source!r}")
+        if self.source not in ("image_folder", "npz") and self.path:
+            raise ConfigError(f"data.unlabeled.path: not used by source {self.source!r}; remove it")
+        if not 0.0 < self.class_fraction < 1.0:
+            raise ConfigError(f"data.unlabeled.class_fraction: must be in (0, 1), got {self.class_fraction}")
+        if isinstance(self.alphabets, int) and self.alphabets < 1 or isinstance(self.alphabets, list) \
+                and not self.alphabets:
+            raise ConfigError(f"data.unlabeled.alphabets: at least one alphabet must lose its labels, got "
+                              f"{self.alphabets!r} (an empty unlabeled set)")
+        _positive("data.unlabeled.max_images", self.max_images)
+
+
+@dataclass
 class DataConfig:
     """Where the images come from and how the class-disjoint splits are made.
 
@@ -66,8 +103,34 @@ class DataConfig:
     num_workers: int = 0
     train_transforms: TransformConfig = field(default_factory=TransformConfig)
     eval_transforms: TransformConfig = field(default_factory=TransformConfig)
+    # Images without labels (SLADE): None, or where they come from (UnlabeledConfig).
+    unlabeled: UnlabeledConfig | None = None
+    # Evaluation protocol. zero_shot: test classes are unseen in training (everything above). closed_set (the
+    # G-DML paper's release evaluation): test queries are held-out images of the *training* classes, ranked
+    # against the training images (the gallery); CIFAR uses its official train / test files, other datasets
+    # hold out closed_set_test_fraction of every training class's images (classes with fewer than 3 images
+    # stay in training). Validation stays as configured (held-out classes; CIFAR: none).
+    protocol: Literal["zero_shot", "closed_set"] = "zero_shot"
+    closed_set_test_fraction: float = 0.25
 
     def validate(self) -> None:
+        if self.protocol == "closed_set":
+            if not 0.0 < self.closed_set_test_fraction < 1.0:
+                raise ConfigError(f"data.closed_set_test_fraction: must be in (0, 1), got "
+                                  f"{self.closed_set_test_fraction}")
+            if self.folds is not None:
+                raise ConfigError("data.protocol: closed_set is not combined with data.folds (cross-validation)")
+            if self.dataset in ("cifar10", "cifar100") and self.val_class_fraction > 0:
+                raise ConfigError("data.val_class_fraction: must be 0 with data.protocol: closed_set on CIFAR (the "
+                                  "official test files hold every class, so held-out validation classes would be "
+                                  "tested without being trained)")
+        if self.unlabeled is not None:
+            self.unlabeled.check()
+            if self.unlabeled.source == "train_alphabets" and self.dataset != "omniglot":
+                raise ConfigError("data.unlabeled.source: 'train_alphabets' needs dataset omniglot; use "
+                                  "train_classes, image_folder or npz")
+            if self.folds is not None:
+                raise ConfigError("data.unlabeled: not combined with data.folds (cross-validation)")
         if self.dataset != "omniglot" and not self.path:
             raise ConfigError(f"data.path: required for dataset {self.dataset!r}")
         if self.test_path and self.dataset not in ("omniglot", "image_folder", "csv", "npz"):
@@ -225,10 +288,13 @@ class EvalConfig:
 @dataclass
 class MethodConfig:
     """The training method (``dmlgen.methods``): ``standard`` (the loss and regularizers, one step per batch)
-    or ``sharing`` (Sharing Matters / MIC, methods.md §5). ``params`` are checked by the method's own
+    or ``sharing`` (Sharing Matters / MIC, methods.md §5); ``slade`` (the SLADE pipeline, methods.md §7) with
+    its stage methods ``slade_ssl`` and ``slade_student``; ``guided`` (the Guided DML pipeline, methods.md §6)
+    with its student stage method ``guided_student``. ``params`` are checked by the method's own
     dataclass (e.g. ``dmlgen.methods.sharing.SharingParams``); errors name ``method.params.<key>``."""
 
-    name: Literal["standard", "sharing"] = "standard"
+    name: Literal["standard", "sharing", "slade", "slade_ssl", "slade_student", "guided",
+                  "guided_student"] = "standard"
     params: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:

@@ -15,6 +15,7 @@ import torch
 from dmlgen.engine.checkpoint import load_checkpoint
 from dmlgen.engine.config import RunConfig, config_from_dict, load_config
 from dmlgen.engine.config_schema import apply_overrides
+from dmlgen.engine.distributed import requested_world_size
 from dmlgen.engine.setup import build_run_model, build_splits, embed_dataset, resolve_device
 from dmlgen.engine.trainer import Trainer, config_differences
 from dmlgen.errors import CheckpointError, ConfigError, DataError
@@ -39,6 +40,8 @@ def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None
     test result of the selected checkpoint (the content of ``test_metrics.json``); ``report.md`` and
     ``report.html`` are written next to it (``html_report=False``: report.md only, which saves the test
     embedding, neighbours and 2-D map of the HTML page; ``dmlgen report`` writes it later).
+    A multi-stage method (``pipeline = True``, e.g. ``guided``) runs its stages with
+    :func:`dmlgen.engine.pipeline.run_pipeline` instead.
     """
     if isinstance(config, RunConfig):
         cfg = config
@@ -49,11 +52,20 @@ def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None
     if out_dir is not None:
         cfg = copy.deepcopy(cfg)
         cfg.out_dir = str(out_dir)
+    from dmlgen.engine.pipeline import is_pipeline, run_pipeline
+
+    if is_pipeline(cfg):  # a multi-stage method (Guided DML, SLADE): its stages, each in a sub-folder
+        if requested_world_size() > 1:  # its task stages would run, and write their files, in every process
+            raise ConfigError(f"method.name {cfg.method.name!r} trains in several stages, which distributed "
+                              "training does not support yet; train it in one process (without torchrun)")
+        return run_pipeline(cfg, resume=resume, overwrite=overwrite, progress=progress,
+                            resume_command=resume_command)
     trainer = Trainer(cfg, progress=progress, pretrained=not resume, resume_command=resume_command)
     result = trainer.fit(resume=resume, overwrite=overwrite)
     # report.md, then report.html (a failure of the latter is only a warning: the results are saved).
-    write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), html=html_report,
-                  device=cfg.train.device, progress=progress, strict=False)
+    if trainer.dist.is_main:  # distributed training: rank 0 alone writes files
+        write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), html=html_report,
+                      device=cfg.train.device, progress=progress, strict=False)
     return result
 
 

@@ -26,10 +26,11 @@ from dmlgen.data.datasets import (
     npz_dataset,
 )
 from dmlgen.data.omniglot import omniglot_splits
-from dmlgen.data.samplers import ClassBalancedBatchSampler
+from dmlgen.data.samplers import ClassBalancedBatchSampler, shard_batch
 from dmlgen.data.splits import kfold_classes, split_by_class_order, train_val_split
 from dmlgen.data.standard import STANDARD_DATASETS, load_standard
 from dmlgen.data.transforms import TransformConfig, build_transforms
+from dmlgen.data.unlabeled import cap_images, split_off_classes, split_off_groups, unlabeled_image_folder, unlabeled_npz
 from dmlgen.engine.config import (
     DataConfig,
     LossConfig,
@@ -81,6 +82,8 @@ class DataSplits:
     ``dropped_classes`` the training classes left out under ``data.single_image_classes: drop``.
     ``gallery``: for query-vs-gallery benchmarks (In-Shop) the gallery, with ``test`` the queries; the final
     test evaluation then ranks the gallery for each query instead of leave-one-out within ``test``.
+    ``unlabeled``: with ``data.unlabeled``, the images without labels (an ``UnlabeledDataset`` with the training
+    transform; SLADE), else None.
     """
 
     train: Any
@@ -89,6 +92,7 @@ class DataSplits:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     dropped_classes: list[str] = field(default_factory=list)
     gallery: Any | None = None
+    unlabeled: Any | None = None
 
     def summary(self) -> dict[str, int]:
         out = {}
@@ -96,6 +100,8 @@ class DataSplits:
             ds = getattr(self, name)
             out[f"{name}_images"] = 0 if ds is None else len(ds)
             out[f"{name}_classes"] = 0 if ds is None else int(ds.num_classes)
+        if self.unlabeled is not None:
+            out["unlabeled_images"] = len(self.unlabeled)
         out["skipped_images"] = len(self.skipped)
         out["dropped_classes"] = len(self.dropped_classes)
         return out
@@ -154,6 +160,84 @@ def _check_single_image_classes(train: Any, cfg: DataConfig) -> tuple[Any, list[
     )
 
 
+def _split_unlabeled(train: Any, cfg: DataConfig, train_tf: Any) -> tuple[Any, Any, list[tuple[str, str]]]:
+    """``(labeled train, unlabeled set or None, skipped files)`` for ``data.unlabeled`` (before max_classes, so
+    that whole alphabets / classes move)."""
+    ucfg = cfg.unlabeled
+    if ucfg is None:
+        return train, None, []
+    where = "data.unlabeled"
+    try:
+        skipped: list[tuple[str, str]] = []
+        if ucfg.source == "train_alphabets":
+            train, unlabeled = split_off_groups(train, ucfg.alphabets, seed=ucfg.seed)
+        elif ucfg.source == "train_classes":
+            train, unlabeled = split_off_classes(train, ucfg.class_fraction, seed=ucfg.seed)
+        elif ucfg.source == "image_folder":
+            assert ucfg.path is not None
+            unlabeled = unlabeled_image_folder(ucfg.path, channels=cfg.channels, on_error=cfg.on_corrupt_image,
+                                               hidden_labels_from_folders=ucfg.hidden_labels_from_folders)
+            skipped = list(getattr(unlabeled.source, "skipped", []))
+            unlabeled = unlabeled.with_transform(train_tf)
+        else:
+            assert ucfg.path is not None
+            unlabeled = unlabeled_npz(ucfg.path).with_transform(train_tf)
+        unlabeled = cap_images(unlabeled, ucfg.max_images, seed=ucfg.seed)
+    except (DataError, ConfigError) as exc:
+        raise type(exc)(f"{where} ({ucfg.source}): {exc}") from None
+    return train, unlabeled, skipped
+
+
+def closed_set_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(train indices, test indices)``: of every class with n >= 3 images, ``min(max(1, round(fraction * n)),
+    n - 2)`` images drawn with ``seed`` are test queries; the rest (at least a positive pair) stay for training.
+    Classes with fewer than 3 images stay wholly in training. Both sorted."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed % 2**63, 11]))
+    labels = np.asarray(labels)
+    test: list[np.ndarray] = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) < 3:
+            continue
+        k = min(max(1, int(round(fraction * len(members)))), len(members) - 2)
+        test.append(rng.choice(members, size=k, replace=False))
+    test_idx = np.sort(np.concatenate(test)) if test else np.empty(0, dtype=np.int64)
+    return np.setdiff1d(np.arange(len(labels)), test_idx), test_idx
+
+
+def closed_set_splits(cfg: DataConfig) -> DataSplits:
+    """``data.protocol: closed_set`` (G-DML's release evaluation, methods.md §6.4): test queries are images of
+    the *training* classes, ranked against the training images (``gallery``, with the evaluation transform).
+
+    CIFAR-10/100: the official train / test files (all classes on both sides; no validation). Other datasets:
+    the zero-shot splits, whose test classes are set aside; ``closed_set_test_fraction`` of every training
+    class's images become the test queries (:func:`closed_set_holdout`), the validation split is unchanged.
+    """
+    if cfg.dataset in ("cifar10", "cifar100"):
+        from dmlgen.data.standard import load_cifar
+
+        assert cfg.path is not None  # DataConfig.validate
+        train_tf = build_transforms(_sized(cfg.train_transforms, cfg.image_size), train=True)
+        eval_tf = build_transforms(_sized(cfg.eval_transforms, cfg.image_size), train=False)
+        std = load_cifar(cfg.path, 10 if cfg.dataset == "cifar10" else 100, protocol="closed_set")
+        train = _first_classes(std.train.subset(np.arange(len(std.train)), transform=train_tf), cfg.max_classes)
+        test = _first_classes(std.test.subset(np.arange(len(std.test)), transform=eval_tf), cfg.max_classes)
+        train, dropped = _check_single_image_classes(train, cfg)
+        _check_channels(train, cfg)
+        gallery = train.subset(np.arange(len(train)), transform=eval_tf)
+        return DataSplits(train=train, val=None, test=test, dropped_classes=dropped, gallery=gallery)
+    splits = build_splits(dataclasses.replace(cfg, protocol="zero_shot"))
+    eval_tf = getattr(splits.test, "transform", None)
+    train_idx, test_idx = closed_set_holdout(splits.train.labels, cfg.closed_set_test_fraction, cfg.split_seed)
+    if len(test_idx) == 0:
+        raise DataError(f"{_source(cfg)}: no training class has 3 images, so none can give a closed-set test query "
+                        "and keep a positive pair for training")
+    train = splits.train.subset(train_idx)
+    test = splits.train.subset(test_idx, transform=eval_tf)
+    gallery = train.subset(np.arange(len(train)), transform=eval_tf)
+    return dataclasses.replace(splits, train=train, test=test, gallery=gallery)
+
+
 def build_splits(cfg: DataConfig) -> DataSplits:
     """Load the configured dataset and make its class-disjoint train / val / test splits.
 
@@ -164,7 +248,10 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     train / test split (:mod:`dmlgen.data.standard`); In-Shop adds the gallery, with ``test`` the queries.
     With ``data.folds`` set, train / val are fold ``data.fold`` of a class-disjoint k-fold split of all the
     training classes (Omniglot: every background alphabet) instead; test is unchanged.
+    ``data.protocol: closed_set``: see :func:`closed_set_splits`.
     """
+    if cfg.protocol == "closed_set":
+        return closed_set_splits(cfg)
     if cfg.dataset == "omniglot":
         train_tf = build_transforms(cfg.train_transforms, train=True)
         eval_tf = build_transforms(cfg.eval_transforms, train=False)
@@ -179,13 +266,15 @@ def build_splits(cfg: DataConfig) -> DataSplits:
             return DataSplits(train=train, val=val, test=test, dropped_classes=dropped)
         parts = omniglot_splits(image_size=cfg.image_size, val_alphabets=cfg.val_alphabets, seed=cfg.split_seed)
         val_set = parts["val"]
-        train = _first_classes(ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf), cfg.max_classes)
+        train = ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf)
+        train, unlabeled, _ = _split_unlabeled(train, cfg, train_tf)
+        train = _first_classes(train, cfg.max_classes)
         val = None
         if len(val_set.labels):
             val = _first_classes(ArrayImageDataset.from_omniglot(val_set, transform=eval_tf), cfg.max_classes)
         test = _first_classes(ArrayImageDataset.from_omniglot(parts["test"], transform=eval_tf), cfg.max_classes)
         train, dropped = _check_single_image_classes(train, cfg)
-        return DataSplits(train=train, val=val, test=test, dropped_classes=dropped)
+        return DataSplits(train=train, val=val, test=test, dropped_classes=dropped, unlabeled=unlabeled)
 
     train_tf = build_transforms(_sized(cfg.train_transforms, cfg.image_size), train=True)
     eval_tf = build_transforms(_sized(cfg.eval_transforms, cfg.image_size), train=False)
@@ -232,6 +321,8 @@ def build_splits(cfg: DataConfig) -> DataSplits:
         val = _first_classes(val, cfg.max_classes)
     else:
         train, val = full_train.subset(np.arange(len(full_train)), transform=train_tf), None
+    train, unlabeled, unlabeled_skipped = _split_unlabeled(train, cfg, train_tf)
+    skipped += unlabeled_skipped
     train = _first_classes(train, cfg.max_classes)
     test = _first_classes(test.subset(np.arange(len(test)), transform=eval_tf), cfg.max_classes)
     if gallery is not None:
@@ -243,7 +334,8 @@ def build_splits(cfg: DataConfig) -> DataSplits:
         gallery = gallery.subset(np.flatnonzero(keep), transform=eval_tf)
     train, dropped = _check_single_image_classes(train, cfg)
     _check_channels(train, cfg)
-    return DataSplits(train=train, val=val, test=test, skipped=skipped, dropped_classes=dropped, gallery=gallery)
+    return DataSplits(train=train, val=val, test=test, skipped=skipped, dropped_classes=dropped, gallery=gallery,
+                      unlabeled=unlabeled)
 
 
 def _check_channels(dataset: Any, cfg: DataConfig) -> None:
@@ -267,8 +359,18 @@ def _csv_has_split_column(path: str) -> bool:
     return "split" in [h.strip().lower() for h in header]
 
 
-def build_sampler(cfg: DataConfig, labels: np.ndarray, seed: int) -> ClassBalancedBatchSampler:
-    """The class-balanced batch sampler of the training split; too few classes name the config keys."""
+def build_sampler(cfg: DataConfig, labels: np.ndarray, seed: int, world_size: int = 1) -> ClassBalancedBatchSampler:
+    """The class-balanced batch sampler of the training split; too few classes name the config keys.
+
+    ``world_size``: the number of processes that share every batch (distributed training): each takes whole
+    classes, so ``data.classes_per_batch`` must be a multiple of it.
+    """
+    if cfg.classes_per_batch % world_size != 0:
+        raise ConfigError(
+            f"data.classes_per_batch={cfg.classes_per_batch} cannot be shared by {world_size} processes: each "
+            f"process takes whole classes of the batch, so it must be a multiple of {world_size} (or start "
+            "another number of processes with torchrun --nproc_per_node)"
+        )
     num_classes = len(np.unique(labels))
     if num_classes < cfg.classes_per_batch:
         raise DataError(
@@ -295,15 +397,21 @@ class SeededBatches:
     Augmentations (torchvision v2) draw from the global torch RNG of whichever process loads the image. With
     per-image seeds that depend only on (seed, epoch, batch, slot), the augmented batches do not depend on
     the number of workers, on pre-fetching, or on where a resumed run restarts: resume stays exact.
+
+    Distributed training (``world_size > 1``): every process iterates the same global batches and yields its
+    ``rank``-th part (:func:`dmlgen.data.samplers.shard_batch`: whole classes), seeded by the global slot, so
+    the images and their augmentations are those of a single process with the whole batch.
     """
 
     def __init__(self, sampler: ClassBalancedBatchSampler, *, seed: int, epoch: int, start_batch: int,
-                 num_batches: int) -> None:
+                 num_batches: int, rank: int = 0, world_size: int = 1) -> None:
         self.sampler = sampler
         self.seed = seed
         self.epoch = epoch
         self.start_batch = start_batch
         self.num_batches = num_batches
+        self.rank = rank
+        self.world_size = world_size
 
     def __len__(self) -> int:
         return max(self.num_batches - self.start_batch, 0)
@@ -314,7 +422,10 @@ class SeededBatches:
             if number >= self.num_batches:
                 return
             base = _sample_seed(self.seed, self.epoch, number)
-            yield [(index, (base + slot) % 2**63) for slot, index in enumerate(batch)]
+            items = [(index, (base + slot) % 2**63) for slot, index in enumerate(batch)]
+            if self.world_size > 1:
+                items = shard_batch(items, self.rank, self.world_size, self.sampler.samples_per_class)
+            yield items
 
 
 class SeededDataset(Dataset):

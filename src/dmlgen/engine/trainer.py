@@ -13,6 +13,7 @@ state is never half an optimizer step; a second Ctrl-C stops at once without sav
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import math
 import shutil
@@ -33,6 +34,16 @@ from tqdm.auto import tqdm
 from dmlgen.data.standard import shared_class_codes
 from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, rng_state, set_rng_state
 from dmlgen.engine.config import RunConfig, config_from_dict
+from dmlgen.engine.distributed import (
+    NullLogger,
+    RankFailure,
+    convert_sync_batchnorm,
+    defer_batch_scaling,
+    embed_sharded,
+    gather_with_grad,
+    init_distributed,
+    is_peer_failure,
+)
 from dmlgen.engine.logging import RunLogger
 from dmlgen.engine.teacher import EpochSnapshotTeacher
 from dmlgen.engine.setup import (
@@ -50,13 +61,13 @@ from dmlgen.engine.setup import (
     build_scheduler,
     build_splits,
     embed_dataset,
-    resolve_device,
     scheduler_state,
     seed_everything,
 )
 from dmlgen.errors import CheckpointError, ConfigError, DataError, DmlgenError
 from dmlgen.evaluation.evaluate import evaluate_embeddings
 from dmlgen.methods import MethodSetup
+from dmlgen.models.heads import scale_by_mean_distance
 
 LAST = "last.ckpt"
 BEST = "best.ckpt"
@@ -77,6 +88,13 @@ RESUME_MAY_CHANGE = (
 )
 
 
+def _no_buffer_broadcast() -> dict[str, bool]:
+    """DDP's option to skip the buffer broadcast of every forward (renamed in torch 2.14; buffers still start
+    equal): SyncBatchNorm keeps the running statistics equal on every rank."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
+
 class TrainingInterrupted(DmlgenError):
     """Raised after Ctrl-C once the state is saved; the message says how to resume."""
 
@@ -90,12 +108,18 @@ class _ForcedStop(KeyboardInterrupt):
 
 
 class _DeferredInterrupt:
-    """While active, the first Ctrl-C only sets :attr:`requested`; the trainer stops at the next safe point."""
+    """While active, the first Ctrl-C only sets :attr:`requested`; the trainer stops at the next safe point.
 
-    def __init__(self, verbose: bool = True) -> None:
+    ``sigterm``: SIGTERM also requests a stop (never a forced one). Distributed training sets it: torchrun
+    forwards a stop to its workers as SIGTERM, and a scheduler's pre-emption arrives that way too.
+    """
+
+    def __init__(self, verbose: bool = True, sigterm: bool = False) -> None:
         self.requested = False
         self.verbose = verbose
+        self.sigterm = sigterm
         self._previous: Any = None
+        self._previous_term: Any = None
         self._installed = False
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
@@ -106,17 +130,26 @@ class _DeferredInterrupt:
             print("\nCtrl-C: saving after the current step (press Ctrl-C again to stop at once, without saving)",
                   file=sys.stderr, flush=True)
 
+    def _term_handler(self, signum: int, frame: FrameType | None) -> None:
+        if not self.requested and self.verbose:
+            print("\nSIGTERM: saving after the current step", file=sys.stderr, flush=True)
+        self.requested = True
+
     def __enter__(self) -> _DeferredInterrupt:
         self.requested = False
         # Signal handlers can only be set from the main thread; elsewhere Ctrl-C is not delivered anyway.
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            if self.sigterm:
+                self._previous_term = signal.signal(signal.SIGTERM, self._term_handler)
             self._installed = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._installed:
             signal.signal(signal.SIGINT, self._previous)
+            if self.sigterm:
+                signal.signal(signal.SIGTERM, self._previous_term)
             self._installed = False
 
     def check(self) -> None:
@@ -248,17 +281,23 @@ class Trainer:
         pretrained: load ``model.weights`` / ImageNet weights; a resumed run passes False since the
             checkpoint replaces every weight.
         resume_command: the command printed after Ctrl-C to continue the run.
+
+    Started by ``torchrun`` with several processes (or inside an initialised process group), the trainer runs
+    DistributedDataParallel: every process takes its share of each global batch and the loss is computed on
+    the embeddings of all of them (:mod:`dmlgen.engine.distributed`); only rank 0 writes files.
     """
 
     def __init__(self, cfg: RunConfig, *, progress: bool = True, splits: DataSplits | None = None,
                  pretrained: bool = True, resume_command: str | None = None) -> None:
         self.cfg = cfg
         self.out_dir = Path(cfg.out_dir)
-        self.progress = progress
         self.resume_command = resume_command or f"dmlgen train CONFIG --out {self.out_dir} --resume"
-        self.device = resolve_device(cfg.train.device)
+        # torchrun (WORLD_SIZE > 1) or an initialised process group: DDP; else one process, as always.
+        self.dist, self.device = init_distributed(cfg.train.device)
+        self.progress = progress and self.dist.is_main
         seed_everything(cfg.train.seed, deterministic=cfg.train.deterministic)
-        self.splits = splits if splits is not None else build_splits(cfg.data)
+        with self.dist.main_first():  # rank 0 fills dataset caches before the others read them
+            self.splits = splits if splits is not None else build_splits(cfg.data)
         self.gallery = getattr(self.splits, "gallery", None)
         for name in ("val", "test"):
             if name == "test" and self.gallery is not None:
@@ -267,10 +306,19 @@ class Trainer:
                 _check_eval_split(name, getattr(self.splits, name), cfg.eval.ks)
         # The training method (method: standard | sharing) may wrap the model (Sharing: a second head).
         self.method = build_method_from_config(cfg.method)
-        self.model = build_run_model(cfg.model, cfg.method, cfg.data.channels, pretrained=pretrained,
-                                     method=self.method)
+        if self.dist.enabled and self.method.custom_step:
+            raise ConfigError(
+                f"method.name {self.method.name!r} has its own training step, which distributed training does not "
+                f"support yet; train it in one process (this job has {self.dist.world_size})"
+            )
+        with self.dist.main_first():  # ImageNet weights: one download
+            self.model = build_run_model(cfg.model, cfg.method, cfg.data.channels, pretrained=pretrained,
+                                         method=self.method)
         self.model.to(self.device)
         self._probe_model()
+        if self.dist.enabled:
+            # Batch statistics of the global batch, as one process with the whole batch computes them.
+            convert_sync_batchnorm(self.model, self.device)
         self.criterion: Criterion = build_criterion(cfg.loss, num_classes=self.splits.train.num_classes,
                                                     embedding_size=cfg.model.embedding_size)
         self.criterion.to(self.device)
@@ -279,7 +327,8 @@ class Trainer:
         self.teacher: EpochSnapshotTeacher | None = None
         if any(reg.needs_teacher for reg in self.regularizers.values()):
             self.teacher = EpochSnapshotTeacher(self.model).to(self.device)
-        self.sampler = build_sampler(cfg.data, self.splits.train.labels, seed=cfg.train.seed)
+        self.sampler = build_sampler(cfg.data, self.splits.train.labels, seed=cfg.train.seed,
+                                     world_size=self.dist.world_size)
         self.steps_per_epoch = len(self.sampler)
         if cfg.train.max_steps_per_epoch is not None:
             self.steps_per_epoch = min(self.steps_per_epoch, cfg.train.max_steps_per_epoch)
@@ -288,6 +337,7 @@ class Trainer:
             classes_per_batch=cfg.data.classes_per_batch, samples_per_class=cfg.data.samples_per_class,
             batch_size=cfg.data.classes_per_batch * cfg.data.samples_per_class,
             steps_per_epoch=self.steps_per_epoch, seed=cfg.train.seed, has_regularizers=len(self.regularizers) > 0,
+            splits=self.splits,
         ), self.model)
         self.method.modules().to(self.device)
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.criterion, loss_lr=cfg.loss.lr,
@@ -298,9 +348,18 @@ class Trainer:
         self.scheduler = build_scheduler(cfg.scheduler, self.optimizer, epochs=cfg.train.epochs)
         self.use_amp = cfg.train.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        # The module the training step runs: the model, or DDP around it (which averages its gradients).
+        self.train_module: torch.nn.Module = self.model
+        if self.dist.enabled:
+            self.train_module = torch.nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                **_no_buffer_broadcast())
+        # Trainable parameters outside DDP (loss and regularizer parameters), averaged over the ranks by hand.
+        self._replicated_params = [p for module in (self.criterion, self.regularizers)
+                                   for p in module.parameters() if p.requires_grad]
         self.state = TrainState()
         self._saved_step = 0  # global_step of the last saved last.ckpt
-        self._guard = _DeferredInterrupt(verbose=progress)
+        self._guard = _DeferredInterrupt(verbose=self.progress, sigterm=self.dist.enabled)
 
     def _probe_model(self) -> None:
         """One forward pass on a test image, so that a size or channel mismatch fails now, named."""
@@ -326,6 +385,8 @@ class Trainer:
             "format": CHECKPOINT_FORMAT,
             "config": self.cfg.to_dict(),
             "model_description": self.model.describe(),
+            # Processes that shared each batch; exact resume needs the same number (see resume()).
+            "world_size": self.dist.world_size,
             "model": self.model.state_dict(),
             "criterion": self.criterion.state_dict(),
             "regularizers": self.regularizers.state_dict(),
@@ -357,6 +418,8 @@ class Trainer:
 
     def _save(self, obj: dict[str, Any], name: str) -> Path:
         path = self.out_dir / name
+        if not self.dist.is_main:
+            return path  # every rank holds the same state; rank 0 writes it
         try:
             atomic_save(obj, path)
         except OSError as exc:
@@ -379,6 +442,14 @@ class Trainer:
         ckpt = load_checkpoint(path, map_location="cpu")
         if "optimizer" not in ckpt:
             raise CheckpointError(f"checkpoint {path} holds weights only; resume needs {LAST}")
+        saved_world = int(ckpt.get("world_size", 1))  # checkpoints from before distributed training: 1
+        if saved_world != self.dist.world_size:
+            how = f"torchrun --nproc_per_node={saved_world}" if saved_world > 1 else "one process, without torchrun"
+            raise CheckpointError(
+                f"checkpoint {path} was written by a run of {saved_world} process(es) and this run has "
+                f"{self.dist.world_size}; resume with the same number ({how}): the split of every batch over the "
+                "processes is part of the exact continuation"
+            )
         mine = self.model.describe()
         if ckpt.get("model_description") != mine:
             theirs = ckpt.get("model_description") or {}
@@ -438,11 +509,13 @@ class Trainer:
         dataset = getattr(self.splits, split)
 
         def embed(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-            return embed_dataset(
-                model, ds, batch_size=self.cfg.eval.batch_size, device=self.device,
-                num_workers=self.cfg.data.num_workers, progress=self.progress, desc=f"embedding {name}",
-                should_stop=lambda: self._guard.requested,
+            kwargs: dict[str, Any] = dict(
+                batch_size=self.cfg.eval.batch_size, device=self.device, num_workers=self.cfg.data.num_workers,
+                progress=self.progress, desc=f"embedding {name}", should_stop=lambda: self._guard.requested,
             )
+            if self.dist.enabled:  # each rank embeds a part, then all parts are gathered in order
+                return embed_sharded(model, ds, self.dist, **kwargs)
+            return embed_dataset(model, ds, **kwargs)
 
         emb, labels = embed(dataset, split)
         gallery_emb = gallery_labels = None
@@ -451,10 +524,13 @@ class Trainer:
             # Each split numbers its classes 0..C-1 on its own: map both onto codes of the original ids.
             q_codes, g_codes = shared_class_codes(dataset, self.gallery)
             labels, gallery_labels = torch.from_numpy(q_codes)[labels], torch.from_numpy(g_codes)[gallery_labels]
-        return evaluate_embeddings(
-            emb, labels, gallery_emb, gallery_labels, metrics=metrics, ks=tuple(self.cfg.eval.ks),
-            metric=self.cfg.eval.distance, seed=self.cfg.train.seed,
-        )
+        result = None
+        if self.dist.is_main:  # rank 0 scores, the others receive its metrics: every rank selects alike
+            result = evaluate_embeddings(
+                emb, labels, gallery_emb, gallery_labels, metrics=metrics, ks=tuple(self.cfg.eval.ks),
+                metric=self.cfg.eval.distance, seed=self.cfg.train.seed,
+            )
+        return self.dist.broadcast_object(result)
 
     # ----------------------------------------------------------------- training
     def _train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[float, dict[str, float]]:
@@ -465,10 +541,13 @@ class Trainer:
         cfg = self.cfg
         images = images.to(self.device, non_blocking=True)
         labels = labels.to(self.device, non_blocking=True)
-        with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
-            embeddings = self.model(images)
-        # Loss maths in fp32 even under AMP (methods.md §1.2).
-        embeddings = embeddings.float()
+        if self.dist.enabled:
+            embeddings, labels = self._global_embeddings(images, labels)
+        else:
+            with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                embeddings = self.model(images)
+            # Loss maths in fp32 even under AMP (methods.md §1.2).
+            embeddings = embeddings.float()
         loss = self.criterion(embeddings, labels)
         reg_values: dict[str, torch.Tensor] = {}
         teacher_embeddings = None
@@ -482,7 +561,7 @@ class Trainer:
                     if not bool(self.teacher.valid):
                         raise CheckpointError("the LSD teacher has no snapshot after epoch 1; the run is broken")
                     with torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
-                        teacher_embeddings = self.teacher(images).float()
+                        teacher_embeddings = self.dist.gather(self.teacher(images).float())
             value = reg(embeddings, labels, teacher_embeddings)
             reg_values[name] = value.detach()
             loss = loss + weight * value
@@ -491,6 +570,17 @@ class Trainer:
                 loss = loss + penalty
         self._optimizer_step(loss)
         return float(loss.detach()), {k: float(v) for k, v in reg_values.items()}
+
+    def _global_embeddings(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Distributed: the embeddings ``(B, D)`` and labels ``(B,)`` of the global batch, every rank's part in rank
+        order, differentiable w.r.t. this rank's part (:func:`gather_with_grad`)."""
+        with self.dist.rank_rng(self.device), defer_batch_scaling(self.model) as deferred, \
+                torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.use_amp):
+            local = self.train_module(images)
+        embeddings = gather_with_grad(local.float())
+        if deferred:  # MDR's mean-distance scaling over the global batch, as in one process
+            embeddings = scale_by_mean_distance(embeddings)
+        return embeddings, self.dist.gather(labels)
 
     def _optimizer_step(self, loss: torch.Tensor) -> None:
         """Backward and one optimiser step (scaled under AMP, optional clipping); a non-finite loss raises."""
@@ -501,6 +591,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        self.dist.average_gradients(self._replicated_params)
         if self.cfg.train.grad_clip_norm is not None:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self._trainable_params(), self.cfg.train.grad_clip_norm)
@@ -531,14 +622,16 @@ class Trainer:
         if self.method.custom_step and state.step_in_epoch == 0:
             self.method.on_epoch_start(context)  # e.g. MIC's (re-)clustering; a mid-epoch resume has its state
         batches = SeededBatches(self.sampler, seed=cfg.train.seed, epoch=epoch, start_batch=state.step_in_epoch,
-                                num_batches=self.steps_per_epoch)
+                                num_batches=self.steps_per_epoch, rank=self.dist.rank,
+                                world_size=self.dist.world_size)
         loader = build_loader(SeededDataset(self.splits.train), batches, cfg.data.num_workers,
                               seed=cfg.train.seed + epoch)
         # A method's extra streams (Sharing's shared batches), aligned with the class stream step by step; their
-        # augmentation seeds come from a seed of their own.
+        # augmentation seeds come from a seed of their own. A stream indexes the training split unless it names
+        # its own dataset (``stream.dataset``: SLADE's unlabeled images).
         extra_loaders = {
             name: build_loader(
-                SeededDataset(self.splits.train),
+                SeededDataset(self.splits.train if getattr(sampler, "dataset", None) is None else sampler.dataset),
                 SeededBatches(sampler, seed=cfg.train.seed + 1_000_003 * (i + 1), epoch=epoch,
                               start_batch=state.step_in_epoch, num_batches=self.steps_per_epoch),
                 cfg.data.num_workers, seed=cfg.train.seed + epoch + 1_000_003 * (i + 1))
@@ -551,13 +644,18 @@ class Trainer:
             iterator = iter(loader)
             extra_iterators = {name: iter(extra) for name, extra in extra_loaders.items()}
             while True:
+                failure: DataError | None = None
                 try:
                     images, labels, indices = next(iterator)
                     extra_batches = {name: next(it) for name, it in extra_iterators.items()}
                 except StopIteration:
                     break
                 except DataError as exc:
-                    self._stop_on_data_error(exc, logger)
+                    failure = exc
+                if self.dist.enabled:  # every rank must stop at the same step, or the others wait forever
+                    failure = self._agree_on_batch(failure)
+                if failure is not None:
+                    self._stop_on_data_error(failure, logger)
                 # The step's own randomness (dropout, random miners) depends on (seed, epoch, step) only.
                 torch.manual_seed(_step_seed(cfg.train.seed, epoch, state.step_in_epoch))
                 if self.method.custom_step:
@@ -567,7 +665,7 @@ class Trainer:
                 state.epoch_loss_sum += value
                 for name, reg_value in reg_values.items():
                     state.epoch_regularizer_sums[name] = state.epoch_regularizer_sums.get(name, 0.0) + reg_value
-                state.epoch_images += int(images.shape[0])
+                state.epoch_images += int(images.shape[0]) * self.dist.world_size
                 state.step_in_epoch += 1
                 state.global_step += 1
                 if state.global_step % cfg.train.log_every == 0:
@@ -576,10 +674,28 @@ class Trainer:
                     logger.scalars("train", {"loss": value, "lr": lr, **reg_values}, state.global_step)
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update(1)
-                self._guard.check()
+                self._check_stop()
         finally:
             state.epoch_seconds += time.perf_counter() - start
             bar.close()
+
+    def _check_stop(self) -> None:
+        """Raise KeyboardInterrupt at a safe point when a stop was requested (on any rank: all stop together)."""
+        if self.dist.enabled:
+            (requested,) = self.dist.any(self._guard.requested)
+            if requested:
+                raise KeyboardInterrupt
+        else:
+            self._guard.check()
+
+    def _agree_on_batch(self, failure: DataError | None) -> DataError | None:
+        """Distributed: a data error on any rank stops every rank, each with the failing rank's message."""
+        (failed,) = self.dist.any(failure is not None)
+        if not failed:
+            return None
+        messages = self.dist.gather_objects(None if failure is None else _clean_worker_message(failure))
+        rank, message = next((r, m) for r, m in enumerate(messages) if m is not None)
+        return failure if failure is not None else DataError(f"process {rank}: {message}")
 
     def _stop_on_data_error(self, exc: DataError, logger: RunLogger) -> None:
         """A bad image mid-epoch: keep the progress made so far, then stop with the file's name."""
@@ -653,14 +769,19 @@ class Trainer:
                     f"{self.out_dir} already holds a run ({LAST}); continue it with --resume, or start over "
                     "with --overwrite, or choose another folder with --out"
                 )
-            for name in RUN_FILES:
-                (self.out_dir / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
-        (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        logger = RunLogger(self.out_dir)
+            if self.dist.is_main:
+                for name in RUN_FILES:
+                    (self.out_dir / name).unlink(missing_ok=True)
+                shutil.rmtree(self.out_dir / "tb", ignore_errors=True)
+        logger: RunLogger = NullLogger()
+        if self.dist.is_main:
+            (self.out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            logger = RunLogger(self.out_dir)
+        self.dist.barrier()  # no rank trains before rank 0 has cleared the folder of an overwritten run
         try:
             logger.event("start", resumed=resume, epoch=self.state.epoch + 1, step_in_epoch=self.state.step_in_epoch,
                          steps_per_epoch=self.steps_per_epoch, device=str(self.device), seed=cfg.train.seed,
+                         **({"world_size": self.dist.world_size} if self.dist.enabled else {}),
                          **self.splits.summary())
             if self.splits.skipped:
                 logger.event("skipped_images", files=[{"path": p, "reason": r} for p, r in self.splits.skipped])
@@ -686,11 +807,26 @@ class Trainer:
                         f"{self.state.step_in_epoch}/{self.steps_per_epoch}; state saved to {path}; "
                         f"continue with: {self.resume_command}"
                     ) from None
+                except RuntimeError as exc:
+                    if not (self.dist.enabled and is_peer_failure(exc)):
+                        raise
+                    # Another process died or hung; this state may be mid-step, so nothing is saved.
+                    logger.event("rank_failure", rank=self.dist.rank, epoch=self.state.epoch + 1,
+                                 step_in_epoch=self.state.step_in_epoch, message=str(exc).splitlines()[0])
+                    saved = (f"{self.out_dir / LAST} holds the state of the last save (global step {self._saved_step})"
+                             if self._saved_step > 0 or resume else "nothing was saved yet")
+                    raise RankFailure(
+                        f"process {self.dist.rank} of {self.dist.world_size}: a collective failed at epoch "
+                        f"{self.state.epoch + 1}, step {self.state.step_in_epoch + 1}, most likely because another "
+                        f"process stopped (its own error is above): {str(exc).splitlines()[0]}; {saved}; continue "
+                        f"with: {self.resume_command}"
+                    ) from None
         finally:
             logger.close()
 
     def _final_test(self, logger: RunLogger) -> dict[str, Any]:
         """Evaluate the selected checkpoint once on the test split; write ``test_metrics.json``."""
+        self.dist.barrier()  # rank 0 has written best.ckpt
         best = load_checkpoint(self.out_dir / BEST, map_location=self.device)
         # A copy: the live model keeps the last epoch's weights, which a save after Ctrl-C must store.
         model = copy.deepcopy(self.model)
@@ -707,6 +843,7 @@ class Trainer:
             "skipped_images": [{"path": p, "reason": r} for p, r in self.splits.skipped],
             "dropped_classes": list(self.splits.dropped_classes),
         }
-        (self.out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
+        if self.dist.is_main:
+            (self.out_dir / "test_metrics.json").write_text(json.dumps(result, indent=2))
         logger.event("test", epoch=best["best_epoch"], **test)
         return result

@@ -18,6 +18,7 @@ from .margin import MarginLoss
 from .miners import BaseMiner, BatchHardMiner, DistanceWeightedMiner, MultiSimilarityMiner, TripletMarginMiner
 from .multi_similarity import MultiSimilarityLoss
 from .normalized_softmax import NormalizedSoftmaxLoss
+from .ntxent import NTXentLoss
 from .proxies import BaseProxyLoss
 from .proxy_anchor import ProxyAnchorLoss
 from .reducers import (
@@ -57,6 +58,7 @@ __all__ = [
     "MultiSimilarityLoss",
     "MultiSimilarityMiner",
     "NormalizedSoftmaxLoss",
+    "NTXentLoss",
     "Pairs",
     "ProxyAnchorLoss",
     "SumReducer",

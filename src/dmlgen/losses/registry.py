@@ -21,6 +21,7 @@ from .margin import MarginLoss
 from .miners import BaseMiner, BatchHardMiner, DistanceWeightedMiner, MultiSimilarityMiner, TripletMarginMiner
 from .multi_similarity import MultiSimilarityLoss
 from .normalized_softmax import NormalizedSoftmaxLoss
+from .ntxent import NTXentLoss
 from .proxy_anchor import ProxyAnchorLoss
 from .reducers import REDUCERS, BaseReducer, ReducerSpec, build_reducer
 from .triplet import TripletMarginLoss
@@ -32,6 +33,7 @@ LOSSES: dict[str, type[BaseMetricLoss]] = {
     "margin": MarginLoss,
     "proxy_anchor": ProxyAnchorLoss,
     "normalized_softmax": NormalizedSoftmaxLoss,
+    "ntxent": NTXentLoss,
 }
 
 MINERS: dict[str, type[BaseMiner]] = {
@@ -44,7 +46,7 @@ MINERS: dict[str, type[BaseMiner]] = {
 
 def build_loss(name: str, **params: Any) -> BaseMetricLoss:
     """The loss registered as ``name`` (``"triplet_margin"``, ``"multi_similarity"``, ``"contrastive"``,
-    ``"margin"``, ``"proxy_anchor"``, ``"normalized_softmax"``) built with ``params``."""
+    ``"margin"``, ``"proxy_anchor"``, ``"normalized_softmax"``, ``"ntxent"``) built with ``params``."""
     return build_named("loss", LOSSES, name, params)
 
 

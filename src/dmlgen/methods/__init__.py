@@ -6,6 +6,10 @@ validates ``method.params`` with the dataclass (unknown keys and wrong types are
 
 - ``standard``: the engine's own step (one loss, optional regularizers).
 - ``sharing``: Sharing Matters with the MIC option (methods.md §5), :mod:`dmlgen.methods.sharing`.
+- ``slade``: the SLADE pipeline (methods.md §7), with its stage methods ``slade_ssl`` and ``slade_student``,
+  :mod:`dmlgen.methods.slade`.
+- ``guided``: the Guided DML pipeline (methods.md §6), with its student stage method ``guided_student``,
+  :mod:`dmlgen.methods.guided`.
 """
 
 from __future__ import annotations
@@ -15,11 +19,25 @@ from typing import Any
 from dmlgen.errors import ConfigError
 
 from .base import MethodSetup, StandardMethod, StandardParams, StepContext, TrainingMethod
+from .guided import GuidedMethod, GuidedParams, GuidedStudentMethod, GuidedStudentParams
 from .sharing import SharingMethod, SharingParams, TwoHeadModel
+from .slade import (
+    SladeMethod,
+    SladeParams,
+    SladeSSLMethod,
+    SladeSSLParams,
+    SladeStudentMethod,
+    SladeStudentParams,
+)
 
 METHODS: dict[str, tuple[type[TrainingMethod], type[Any]]] = {
     "standard": (StandardMethod, StandardParams),
     "sharing": (SharingMethod, SharingParams),
+    "guided": (GuidedMethod, GuidedParams),
+    "guided_student": (GuidedStudentMethod, GuidedStudentParams),
+    "slade": (SladeMethod, SladeParams),
+    "slade_ssl": (SladeSSLMethod, SladeSSLParams),
+    "slade_student": (SladeStudentMethod, SladeStudentParams),
 }
 
 
@@ -42,9 +60,19 @@ def build_method(name: str, params: Any) -> TrainingMethod:
 
 __all__ = [
     "METHODS",
+    "GuidedMethod",
+    "GuidedParams",
+    "GuidedStudentMethod",
+    "GuidedStudentParams",
     "MethodSetup",
     "SharingMethod",
     "SharingParams",
+    "SladeMethod",
+    "SladeParams",
+    "SladeSSLMethod",
+    "SladeSSLParams",
+    "SladeStudentMethod",
+    "SladeStudentParams",
     "StandardMethod",
     "StepContext",
     "TrainingMethod",

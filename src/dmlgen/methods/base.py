@@ -44,6 +44,9 @@ class MethodSetup:
 
     ``train_labels``: ``(N,)`` contiguous class label of every training image; ``batch_size`` =
     ``classes_per_batch * samples_per_class``; ``steps_per_epoch``: batches of every stream per epoch.
+    ``splits``: the run's datasets (the engine's ``DataSplits``: ``train``, ``val``, ``test`` and, with
+    ``data.unlabeled``, ``unlabeled``) for methods that stream other images than the training split (SLADE);
+    None where a method is set up without them.
     """
 
     train_labels: np.ndarray
@@ -54,6 +57,7 @@ class MethodSetup:
     steps_per_epoch: int
     seed: int
     has_regularizers: bool
+    splits: Any = None
 
 
 class StepContext(Protocol):
@@ -104,7 +108,8 @@ class TrainingMethod:
         return []
 
     def streams(self) -> dict[str, Any]:
-        """Extra batch samplers by name, each with ``set_epoch(epoch, start_batch)``, yielding index lists."""
+        """Extra batch samplers by name, each with ``set_epoch(epoch, start_batch)``, yielding index lists of
+        the training split, or of the sampler's own ``dataset`` attribute when it has one."""
         return {}
 
     def on_epoch_start(self, ctx: StepContext) -> None:
