@@ -504,7 +504,7 @@ def test_standard_is_the_default_method(tmp_path: Path) -> None:
     ("method.params.shared_sampling=clusters", r"method\.params\.shared_sampling: 'clusters' is not one of"),
     ("method.params.num_ids=2", r"method\.params\.num_ids: must be >= 3"),
     ("method.params.eval_weights=[0, 0]", r"method\.params\.eval_weights"),
-    ("method.name=guided", r"method\.name: 'guided' is not one of"),
+    ("method.name=gdml", r"method\.name: 'gdml' is not one of"),
 ])
 def test_bad_method_params_are_named(tmp_path: Path, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
