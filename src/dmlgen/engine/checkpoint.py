@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import numpy as np
 import torch
 
 from dmlgen.errors import CheckpointError
+from dmlgen.torch_files import load_weights_only
 
 CHECKPOINT_FORMAT = 1
 
@@ -44,21 +44,7 @@ def atomic_save(obj: dict[str, Any], path: str | Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Read a checkpoint written by :func:`atomic_save` (``weights_only=True``); errors name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        text = str(exc)
-        if "Weights only load failed" in text:
-            # torch's own message suggests weights_only=False, i.e. running the file's code: never do that.
-            found = re.search(r"GLOBAL ([\w.]+)", text)
-            what = f" ({found.group(1)})" if found else ""
-            raise CheckpointError(
-                f"checkpoint {path} holds Python objects other than tensors and plain data{what}; dmlgen refuses "
-                "to load it because unpickling them could run code from the file"
-            ) from None
-        raise CheckpointError(f"checkpoint {path} cannot be read: {exc}".split("\n")[0]) from None
+    state = load_weights_only(path, "checkpoint", map_location)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path} is not a dmlgen checkpoint (format {CHECKPOINT_FORMAT})")
     return state

