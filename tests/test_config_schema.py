@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 import pytest
 
+from dmlgen.engine.config import config_from_dict
 from dmlgen.engine.config_schema import apply_overrides, from_dict, load_yaml, parse_override, to_dict
 from dmlgen.errors import ConfigError
 
@@ -86,3 +87,9 @@ def test_yaml_loader_refuses_code_and_names_the_file(tmp_path) -> None:
         load_yaml(listy)
     with pytest.raises(ConfigError, match="missing.yaml"):
         load_yaml(tmp_path / "missing.yaml")
+
+
+def test_an_error_inside_an_optional_section_names_the_inner_key() -> None:
+    # data.unlabeled is `UnlabeledConfig | None`: the message must name the bad key, not only the section.
+    with pytest.raises(ConfigError, match=r"data\.unlabeled\.max_images: expected an integer"):
+        config_from_dict({"data": {"unlabeled": {"source": "train_alphabets", "max_images": "many"}}})

@@ -44,6 +44,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError as exc:
                 errors.append(str(exc))
+        if len(errors) == 1:  # an optional field (X | None): X's own message names the key inside it
+            raise ConfigError(errors[0])
         raise ConfigError(f"{key}: {value!r} is not a valid {_type_name(tp)}")
     if origin is Literal:
         allowed = get_args(tp)
