@@ -73,7 +73,7 @@ def test_compare_keys_are_checked(tmp_path: Path, change: dict[str, Any], expect
     ({"type": "float", "high": 1.0}, "methods[0].search_space.optimizer.lr.low: required for type float"),
     ({"type": "float", "low": 0.1, "high": 0.1}, "optimizer.lr.low: must be < high"),
     ({"type": "float", "low": 0.0, "high": 1.0, "log": True}, "optimizer.lr.low: must be > 0 on a log scale"),
-    ({"type": "float", "low": "small", "high": 1.0}, "optimizer.lr.low: 'small' is not a valid"),
+    ({"type": "float", "low": "small", "high": 1.0}, "optimizer.lr.low: expected a number, got 'small'"),
     ({"type": "int", "low": 1.5, "high": 4}, "optimizer.lr.low: must be an integer for type int"),
     ({"type": "categorical", "choices": []}, "optimizer.lr.choices: a categorical parameter needs"),
     ({"type": "categorical", "choices": [1, [2]]}, "optimizer.lr.choices[1]: must be a number"),
