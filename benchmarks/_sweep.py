@@ -95,3 +95,19 @@ def print_results(results: dict[str, list[dict[str, Any]]], metrics: Sequence[st
     print("mean wall seconds per run: " + ", ".join(f"{k} {v:.0f}" for k, v in walls.items()))
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "summary.json").write_text(json.dumps(results, indent=2))
+
+
+def weight_sweep(name: str, weights: Sequence[str], sweeps: dict[str, tuple[str, str]], seed: int,
+                 out: str | Path, overrides: Sequence[str]) -> None:
+    """Validation-only sweep of one weight: ``sweeps[name] = (config, override template with {w})``; trains one
+    seed per weight under ``out/sweep`` and prints the validation MAP@R of each selected epoch (no test numbers)."""
+    if name not in sweeps or not weights:
+        raise SystemExit(f"--sweep takes one of {', '.join(sweeps)} and at least one weight")
+    config, template = sweeps[name]
+    variants = [Variant(f"{name}-w{w}", config, (template.format(w=w),)) for w in weights]
+    folder = Path(out) / "sweep"
+    run_variants(variants, [seed], folder, overrides)
+    print(f"\nvalidation MAP@R of the selected epoch, seed {seed} ({name} weight sweep)")
+    for v in variants:
+        run = json.loads((folder / f"{v.name}-seed{seed}" / "test_metrics.json").read_text())
+        print(f"| {v.name} | {100 * run['val_score']:.2f} | epoch {run['selected_epoch']} |")

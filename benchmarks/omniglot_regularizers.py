@@ -21,12 +21,11 @@ Run:  .venv/bin/python benchmarks/omniglot_regularizers.py [--seeds 0 1 2] [--ou
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sweep import Variant, print_results, run_variants  # noqa: E402
+from _sweep import Variant, print_results, run_variants, weight_sweep  # noqa: E402
 
 TEST_METRICS = "eval.test_metrics=[recall, precision@1, r_precision, map@r, nmi, ami, rho]"
 VARIANTS = {
@@ -54,17 +53,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.sweep:
-        name, weights = args.sweep[0], args.sweep[1:]
-        if name not in SWEEPS or not weights:
-            raise SystemExit(f"--sweep takes one of {', '.join(SWEEPS)} and at least one weight")
-        config, template = SWEEPS[name]
-        variants = [Variant(f"{name}-w{w}", config, (template.format(w=w),)) for w in weights]
-        results = run_variants(variants, args.seeds[:1], Path(args.out) / "sweep", args.overrides)
-        print(f"\nvalidation MAP@R of the selected epoch, seed {args.seeds[0]} ({name} weight sweep)")
-        for v in variants:
-            run = json.loads((Path(args.out) / "sweep" / f"{v.name}-seed{args.seeds[0]}" / "test_metrics.json")
-                             .read_text())
-            print(f"| {v.name} | {100 * run['val_score']:.2f} | epoch {run['selected_epoch']} |")
+        weight_sweep(args.sweep[0], args.sweep[1:], SWEEPS, args.seeds[0], args.out, args.overrides)
         return
 
     results = run_variants([VARIANTS[v] for v in args.variants], args.seeds, args.out,

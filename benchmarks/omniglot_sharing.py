@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _sweep import Variant, print_results, run_variants  # noqa: E402
+from _sweep import Variant, print_results, run_variants, weight_sweep  # noqa: E402
 
 TEST_METRICS_LIST = ["recall", "precision@1", "r_precision", "map@r", "nmi", "ami", "rho"]
 TEST_METRICS = f"eval.test_metrics=[{', '.join(TEST_METRICS_LIST)}]"
@@ -78,17 +78,7 @@ def main() -> None:
     args = parser.parse_args()
 
     if args.sweep:
-        name, weights = args.sweep[0], args.sweep[1:]
-        if name not in SWEEPS or not weights:
-            raise SystemExit(f"--sweep takes one of {', '.join(SWEEPS)} and at least one weight")
-        config, template = SWEEPS[name]
-        variants = [Variant(f"{name}-w{w}", config, (template.format(w=w),)) for w in weights]
-        run_variants(variants, args.seeds[:1], Path(args.out) / "sweep", args.overrides)
-        print(f"\nvalidation MAP@R of the selected epoch, seed {args.seeds[0]} ({name} weight sweep)")
-        for v in variants:
-            run = json.loads((Path(args.out) / "sweep" / f"{v.name}-seed{args.seeds[0]}" / "test_metrics.json")
-                             .read_text())
-            print(f"| {v.name} | {100 * run['val_score']:.2f} | epoch {run['selected_epoch']} |")
+        weight_sweep(args.sweep[0], args.sweep[1:], SWEEPS, args.seeds[0], args.out, args.overrides)
         return
 
     variants = [VARIANTS[v] for v in args.variants]
