@@ -248,13 +248,20 @@ class DistanceWeightedMiner(BaseMiner):
         # The matrix in the compute dtype (one matmul), the weights in float64: log-weights span thousands
         # in 512-d, where fp32 rounding alone would move probabilities by ~1e-4.
         dist = euclidean_distance_matrix(q, r).double()
-        logits = self.log_weights(dist, q.shape[1])
-        allowed = neg if self.upper is None else neg & (dist < self.upper)
-        # Cut-off removed every negative of the row: uniform over its label-valid negatives (MDR).
-        fallback = neg.any(dim=1) & ~allowed.any(dim=1)
+        return self.probabilities_from_distances(dist, neg, q.shape[1])
+
+    def probabilities_from_distances(self, dist: Tensor, candidates: Tensor, dim: int) -> Tensor:
+        """The sampling distribution float64 ``(R, M)`` over the ``candidates (R, M)`` (bool) of each row, from
+        distances ``dist (R, M)`` between unit vectors in ``dim`` dimensions: each row sums to 1, or is all zero
+        when it has no candidate (never NaN)."""
+        dist = dist.double()
+        logits = self.log_weights(dist, dim)
+        allowed = candidates if self.upper is None else candidates & (dist < self.upper)
+        # Cut-off removed every candidate of the row: uniform over its label-valid candidates (MDR).
+        fallback = candidates.any(dim=1) & ~allowed.any(dim=1)
         if bool(fallback.any()):
             logits = torch.where(fallback.unsqueeze(1), torch.zeros_like(logits), logits)
-            allowed = torch.where(fallback.unsqueeze(1), neg, allowed)
+            allowed = torch.where(fallback.unsqueeze(1), candidates, allowed)
         logits = logits.masked_fill(~allowed, -math.inf)
         # Rows with nothing allowed keep a finite shift (0) and come out all zero instead of NaN.
         row_max = logits.amax(dim=1, keepdim=True)

@@ -206,19 +206,8 @@ def distance_weighted_probabilities(dist: Tensor, allowed: Tensor, dim: int, *, 
     softmax with its maximum subtracted, and a row without any allowed entry is all zero (never NaN).
     Returns float64 ``(R, M)``: each row sums to 1 or is 0.
     """
-    weights = DistanceWeightedMiner(lower=lower, upper=upper)  # validates lower/upper, provides the clamps
-    dist = dist.double()
-    logits = weights.log_weights(dist, dim)
-    cut = allowed if upper is None else allowed & (dist < upper)
-    fallback = allowed.any(dim=1) & ~cut.any(dim=1)
-    logits = torch.where(fallback.unsqueeze(1), torch.zeros_like(logits), logits)
-    cut = torch.where(fallback.unsqueeze(1), allowed, cut)
-    logits = logits.masked_fill(~cut, -math.inf)
-    row_max = logits.amax(dim=1, keepdim=True)
-    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
-    w = torch.exp(logits - row_max)
-    total = w.sum(dim=1, keepdim=True)
-    return w / torch.where(total > 0, total, torch.ones_like(total))
+    # The miner validates lower / upper and owns the clamps, the cut-off fall-back and the masked softmax.
+    return DistanceWeightedMiner(lower=lower, upper=upper).probabilities_from_distances(dist, allowed, dim)
 
 
 def _draw(probs: Tensor, generator: torch.Generator | None) -> Tensor:
