@@ -13,11 +13,13 @@ import torch
 
 from dmlgen.errors import ConfigError
 from dmlgen.engine.teacher import EpochSnapshotTeacher
+from dmlgen.losses.distances import euclidean_distance_matrix
 from dmlgen.losses.regularizers import (
     ListwiseSelfDistillation,
     MDRRegularizer,
     build_regularizer,
     lsd_loss,
+    mdr_loss,
 )
 from dmlgen.models.heads import scale_by_mean_distance
 from _fixtures import one_thread  # noqa: F401  (autouse: one thread per test)
@@ -189,6 +191,33 @@ def test_mdr_gradients_of_levels_and_embeddings() -> None:
     np.testing.assert_allclose(reg.levels.grad.numpy(), want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("levels", [[-2.0, 0.0, 1.0, 3.0], [1.0, -2.0, 3.0, 0.0], [0.5]], ids=["sorted", "unsorted", "one"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_mdr_closed_form_backward_matches_autograd_of_mdr_loss(dtype: torch.dtype, levels: list[float]) -> None:
+    """The module's closed-form forward and backward against autograd through the functional core on the
+    distance matrix (levels in any order: the module sorts them internally)."""
+    g = torch.Generator().manual_seed(11)
+    for trial in range(3):
+        x = torch.randn(48, 16, generator=g, dtype=dtype)
+        x[5] = x[7]  # a duplicate pair: clamped distance, zero gradient in both
+        reg = MDRRegularizer(levels=levels).to(dtype)
+        if trial:
+            reg(x)  # running statistics that differ from the batch's
+        emb = x.clone().requires_grad_(True)
+        value = reg(emb)
+        value.backward()
+        ref_x = x.clone().requires_grad_(True)
+        ref_levels = reg.levels.detach().clone().requires_grad_(True)
+        ref = mdr_loss(euclidean_distance_matrix(ref_x), reg.running_mean.to(dtype), reg.running_std.to(dtype),
+                       ref_levels)
+        ref.backward()
+        tol = 1e-12 if dtype == torch.float64 else 2e-6
+        torch.testing.assert_close(value, ref, rtol=tol, atol=tol)
+        torch.testing.assert_close(emb.grad, ref_x.grad, rtol=tol * 10, atol=tol)
+        torch.testing.assert_close(reg.levels.grad, ref_levels.grad, rtol=tol, atol=tol)
+        assert emb.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("x", [torch.randn(1, 8), torch.ones(6, 8), torch.zeros(4, 3)],
                          ids=["one-sample", "identical", "all-zero"])
 def test_mdr_degenerate_batches_stay_finite(x: torch.Tensor) -> None:
@@ -198,14 +227,14 @@ def test_mdr_degenerate_batches_stay_finite(x: torch.Tensor) -> None:
     value.backward()
     assert torch.isfinite(value) and torch.isfinite(x.grad).all()
     if len(x) == 1:
-        assert float(value) == 0.0 and not bool(reg.initialized)
+        assert float(value.detach()) == 0.0 and not bool(reg.initialized)
 
 
 def test_mdr_fp16_input_is_computed_in_fp32() -> None:
     x = torch.randn(12, 8, generator=torch.Generator().manual_seed(6))
     value16 = MDRRegularizer()(x.half())
     value32 = MDRRegularizer()(x.half().float())
-    assert value16.dtype == torch.float32 and float(value16) == pytest.approx(float(value32), rel=1e-6)
+    assert value16.dtype == torch.float32 and float(value16.detach()) == pytest.approx(float(value32.detach()), rel=1e-6)
 
 
 def test_mdr_bad_parameters() -> None:
@@ -260,11 +289,11 @@ def test_lsd_gradient_reaches_the_student_only() -> None:
 def test_lsd_edge_batches(include_self: bool) -> None:
     reg = ListwiseSelfDistillation(include_self=include_self)
     one = torch.randn(1, 4, requires_grad=True)
-    assert float(reg(one, None, torch.randn(1, 4))) == 0.0
+    assert float(reg(one, None, torch.randn(1, 4)).detach()) == 0.0
     collapsed = torch.ones(5, 4, requires_grad=True)
     value = reg(collapsed, None, torch.ones(5, 4))
     value.backward()
-    assert float(value) == pytest.approx(0.0, abs=1e-7) and torch.isfinite(collapsed.grad).all()
+    assert float(value.detach()) == pytest.approx(0.0, abs=1e-7) and torch.isfinite(collapsed.grad).all()
     half = reg(torch.randn(6, 4).half(), None, torch.randn(6, 4).half())
     assert half.dtype == torch.float32 and torch.isfinite(half)
 

@@ -26,6 +26,22 @@ from ._checks import build_from_spec, check_bool, check_number
 SQ_DIST_EPS = 1e-12
 
 
+def distances_and_active(query: Tensor, ref: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The values of :func:`euclidean_distance_matrix` (no graph) and the boolean ``(N, M)`` mask of the
+    entries whose gradient passes the clamp, for closed-form backward passes built on them."""
+    same = ref is None
+    other = query if ref is None else ref
+    q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
+    r2 = q2.view(1, -1) if same else (other * other).sum(dim=1).unsqueeze(0)  # (1, M)
+    sq = (q2 + r2).sub_((query @ other.transpose(0, 1)).mul_(2.0))  # q2 + r2 - 2 q.r, two (N, M) buffers
+    active = sq >= SQ_DIST_EPS  # where clamp_min passes the gradient
+    dist = sq.clamp_min_(SQ_DIST_EPS).sqrt_()
+    if same:
+        dist.fill_diagonal_(0.0)
+        active.fill_diagonal_(False)
+    return dist, active
+
+
 class _EuclideanDistanceMatrix(torch.autograd.Function):
     """The matrix of :func:`euclidean_distance_matrix` with a closed-form backward.
 
@@ -37,15 +53,7 @@ class _EuclideanDistanceMatrix(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: Tensor, ref: Tensor | None) -> Tensor:
-        same = ref is None
-        other = query if ref is None else ref
-        q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
-        r2 = q2.view(1, -1) if same else (other * other).sum(dim=1).unsqueeze(0)  # (1, M)
-        sq = q2 + r2 - 2.0 * (query @ other.transpose(0, 1))
-        active = sq >= SQ_DIST_EPS  # where clamp_min passes the gradient
-        dist = sq.clamp_min_(SQ_DIST_EPS).sqrt_()
-        if same:
-            dist.fill_diagonal_(0.0)
+        dist, active = distances_and_active(query, ref)
         ctx.save_for_backward(query, ref, dist, active)
         return dist
 
@@ -54,8 +62,7 @@ class _EuclideanDistanceMatrix(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None]:
         query, ref, dist, active = ctx.saved_tensors
         weights = torch.where(active, grad / dist, torch.zeros_like(grad))
-        if ref is None:
-            weights.fill_diagonal_(0.0)
+        if ref is None:  # the diagonal is inactive, so its weight is already 0
             weights = weights + weights.transpose(0, 1)
             return query * weights.sum(dim=1, keepdim=True) - weights @ query, None
         grad_q = grad_r = None
