@@ -192,6 +192,20 @@ def test_omniglot_folds_use_every_background_class() -> None:
     assert len(folds[0].test) == 13180
 
 
+def test_omniglot_folds_leave_the_unlabeled_alphabets_out_of_every_fold() -> None:
+    """SLADE under cross-validation: whole alphabets go to the unlabeled pool first, the folds cut the rest."""
+    unlabeled = {"source": "train_alphabets", "alphabets": 10, "seed": 0}
+    folds = [build_splits(config_from_dict({"data": {"folds": 3, "fold": f, "unlabeled": unlabeled}}).data)
+             for f in range(3)]
+    pool = ids(folds[0].unlabeled.source)
+    assert all(ids(s.unlabeled.source) == pool for s in folds)  # the same pool in every fold
+    vals = [ids(s.val) for s in folds]
+    labeled = set(range(964)) - pool
+    assert pool and set().union(*vals) == labeled and sum(len(v) for v in vals) == len(labeled)
+    for s, va in zip(folds, vals):
+        assert ids(s.train) == labeled - va and not pool & (ids(s.train) | va)
+
+
 @pytest.mark.parametrize("data, expected", [
     ({"folds": 1}, "data.folds: must be >= 2"),
     ({"fold": 1}, "data.fold: 1 needs data.folds"),
@@ -402,6 +416,25 @@ def test_degenerate_pairs_say_why_there_is_no_test() -> None:
     assert shifted["t_test"] is None and shifted["mean_diff"] == pytest.approx(0.1)
     single = paired_tests([0.5], [0.4])
     assert single["t_test"] is None and single["note"] == "one seed: no test"
+
+
+def test_a_fold_of_a_multi_stage_method_scores_its_validation_classes(tmp_path: Path) -> None:
+    """Guided DML in a search fold: every stage runs in the fold folder, the last one tests on the validation
+    classes (never the test split) and writes no HTML page; the folder is reused once finished."""
+    from test_guided import TINY as GUIDED
+
+    cfg = config_from_dict(GUIDED, ["data.folds=2", "data.fold=1"])
+    fold = tmp_path / "fold1"
+    result = search_module.train_fold(cfg, fold)
+    val = build_splits(cfg.data).val
+    assert result["val"]["num_queries"] == len(val) and result["metric"] == "map@r"
+    assert not (fold / "test_metrics.json").exists() and (fold / "pipeline.json").is_file()
+    stages = json.loads((fold / "pipeline.json").read_text())["stages"]
+    last = fold / stages[-1]["name"]
+    assert [s["status"] for s in stages] == ["complete"] * len(stages) and len(stages) >= 2
+    assert json.loads((last / "test_metrics.json").read_text())["test"]["num_queries"] == len(val)
+    assert (last / "report.md").is_file() and not list(fold.rglob("report.html"))
+    assert search_module.train_fold(cfg, fold) == result  # fold_result.json reused
 
 
 # --------------------------------------------------------------------------- end to end

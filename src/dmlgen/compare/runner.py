@@ -170,6 +170,17 @@ def _setup(cfg: CompareConfig, url: str) -> dict[str, Any]:
             "interval": "95% Student t-interval over seeds (mean ± t_{n-1,0.975} s / sqrt(n))"}
 
 
+def _epochs_file(run_dir: Path) -> Path:
+    """``epochs.csv`` of a run folder; for a multi-stage run, that of its last (deployed) stage."""
+    from dmlgen.engine.pipeline import PIPELINE_FILE
+
+    pipeline = run_dir / PIPELINE_FILE
+    if not (run_dir / "epochs.csv").is_file() and pipeline.is_file():
+        stages = json.loads(pipeline.read_text()).get("stages") or [{}]
+        return run_dir / str(stages[-1].get("name", "")) / "epochs.csv"
+    return run_dir / "epochs.csv"
+
+
 def _html_report(out: Path, payload: dict[str, Any]) -> list[Path]:
     """``results.html``: the mean test metrics per method (bars) and the first seed's training curves, via
     :func:`dmlgen.reporting.html.write_compare_report`; skipped when its plotting dependencies are missing."""
@@ -179,7 +190,7 @@ def _html_report(out: Path, payload: dict[str, Any]) -> list[Path]:
         return []
     seeds = payload["setup"]["seeds"]
     means = {name: {m: s["mean"] for m, s in info["summary"].items()} for name, info in payload["methods"].items()}
-    histories = {name: read_epochs_csv(Path(info["run_dirs"][seeds[0]]) / "epochs.csv")
+    histories = {name: read_epochs_csv(_epochs_file(Path(info["run_dirs"][seeds[0]])))
                  for name, info in payload["methods"].items()}
     notes = [f"Test metrics: mean over seeds {', '.join(map(str, seeds))} (one test evaluation per seed); the 95% "
              "confidence intervals and the paired tests between methods are in results.md / results.json.",

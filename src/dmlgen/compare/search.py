@@ -174,10 +174,13 @@ def _suggest(trial: Any, method: MethodSpec) -> dict[str, Any]:
 def train_fold(run_cfg: RunConfig, out_dir: Path, *, resume_command: str | None = None) -> dict[str, Any]:
     """Train one fold run in ``out_dir`` and return ``{"score", "selected_epoch", "seconds"}``.
 
-    A folder with ``fold_result.json`` is reused as is; one with ``last.ckpt`` continues from it. The run's
-    final evaluation re-scores its validation fold instead of the test split (which the search never uses),
-    so its ``test_metrics.json`` is replaced by ``fold_result.json``.
+    A folder with ``fold_result.json`` is reused as is; one with ``last.ckpt`` (a multi-stage method:
+    ``pipeline.json``) continues from it. The run's final evaluation re-scores its validation fold instead of
+    the test split (which the search never uses), so its ``test_metrics.json`` is replaced by
+    ``fold_result.json``. A multi-stage method (Guided DML, SLADE) runs all its stages in the folder; its
+    score is the last stage's.
     """
+    from dmlgen.engine.pipeline import PIPELINE_FILE, is_pipeline, run_pipeline
     from dmlgen.engine.setup import build_splits
     from dmlgen.engine.trainer import LAST, Trainer
 
@@ -186,14 +189,20 @@ def train_fold(run_cfg: RunConfig, out_dir: Path, *, resume_command: str | None 
         return dict(json.loads(done.read_text()))
     cfg = copy.deepcopy(run_cfg)
     cfg.out_dir = str(out_dir)
-    resume = (out_dir / LAST).is_file()
     start = time.perf_counter()
-    splits = build_splits(cfg.data)
-    if splits.val is None:
-        raise DataError(f"fold {cfg.data.fold} of data.folds={cfg.data.folds} has no validation classes")
-    splits = replace(splits, test=splits.val, gallery=None)
-    trainer = Trainer(cfg, progress=False, splits=splits, pretrained=not resume, resume_command=resume_command)
-    result = trainer.fit(resume=resume, overwrite=True)
+    if is_pipeline(cfg):
+        resume = (out_dir / PIPELINE_FILE).is_file()
+        result = run_pipeline(cfg, resume=resume, overwrite=not resume, progress=False,
+                              resume_command=resume_command, html_report=False, validation_as_test=True)
+    else:
+        resume = (out_dir / LAST).is_file()
+        splits = build_splits(cfg.data)
+        if splits.val is None:
+            raise DataError(f"fold {cfg.data.fold} of data.folds={cfg.data.folds} has no validation classes")
+        splits = replace(splits, test=splits.val, gallery=None)
+        trainer = Trainer(cfg, progress=False, splits=splits, pretrained=not resume,
+                          resume_command=resume_command)
+        result = trainer.fit(resume=resume, overwrite=True)
     if result["val_score"] is None:
         raise DataError(f"fold run {out_dir} has no validation score")
     summary = {"score": float(result["val_score"]), "metric": result["selection_metric"],

@@ -129,8 +129,6 @@ class DataConfig:
             if self.unlabeled.source == "train_alphabets" and self.dataset != "omniglot":
                 raise ConfigError("data.unlabeled.source: 'train_alphabets' needs dataset omniglot; use "
                                   "train_classes, image_folder or npz")
-            if self.folds is not None:
-                raise ConfigError("data.unlabeled: not combined with data.folds (cross-validation)")
         if self.dataset != "omniglot" and not self.path:
             raise ConfigError(f"data.path: required for dataset {self.dataset!r}")
         if self.test_path and self.dataset not in ("omniglot", "image_folder", "csv", "npz"):

@@ -36,6 +36,7 @@ Semantics (make-like):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -50,7 +51,7 @@ from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkp
 from dmlgen.engine.config import RunConfig, config_from_dict
 from dmlgen.engine.logging import RunLogger
 from dmlgen.engine.setup import DataSplits, build_method_from_config, build_splits, resolve_device
-from dmlgen.errors import CheckpointError, ConfigError
+from dmlgen.errors import CheckpointError, ConfigError, DataError
 from dmlgen.methods.stages import Stage, check_stages
 
 PIPELINE_FILE = "pipeline.json"
@@ -185,7 +186,8 @@ class _Context:
 
 # --------------------------------------------------------------------------- the runner
 class _Runner:
-    def __init__(self, cfg: RunConfig, stages: list[Stage], *, progress: bool, resume_command: str) -> None:
+    def __init__(self, cfg: RunConfig, stages: list[Stage], *, progress: bool, resume_command: str,
+                 html_report: bool = True, validation_as_test: bool = False) -> None:
         from dmlgen.engine.trainer import _DeferredInterrupt
 
         self.cfg = cfg
@@ -194,6 +196,8 @@ class _Runner:
         self.out_dir = Path(cfg.out_dir)
         self.progress = progress
         self.resume_command = resume_command
+        self.html_report = html_report
+        self.validation_as_test = validation_as_test
         self.device = resolve_device(cfg.train.device)
         self.guard = _DeferredInterrupt(verbose=progress)
         self.ran: list[str] = []
@@ -332,14 +336,19 @@ class _Runner:
             raise ConfigError(f"stage {stage.name!r}: {exc}") from None
         resume = resume and (ctx.folder / LAST).is_file()
         # The stage trains on the pipeline's data: reuse the splits already loaded (same data config only).
-        splits = self._splits if self._splits is not None and cfg.data == self.cfg.data else None
+        same_data = cfg.data == self.cfg.data
+        splits = self._splits if self._splits is not None and same_data else build_splits(cfg.data)
+        if same_data:
+            self._splits = splits
+        if self.validation_as_test:  # a cross-validation fold: "test" scores the validation classes
+            if splits.val is None:
+                raise DataError(f"stage {stage.name!r}: validation_as_test needs validation classes (data.folds)")
+            splits = dataclasses.replace(splits, test=splits.val, gallery=None)
         trainer = Trainer(cfg, progress=self.progress, splits=splits, pretrained=not resume,
                           resume_command=self.resume_command)
-        if splits is None and cfg.data == self.cfg.data:
-            self._splits = trainer.splits
         result = trainer.fit(resume=resume)
-        write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), device=cfg.train.device,
-                      progress=self.progress, strict=False)
+        write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), html=self.html_report,
+                      device=cfg.train.device, progress=self.progress, strict=False)
         return result
 
     def summary(self) -> list[dict[str, Any]]:
@@ -394,10 +403,15 @@ def _write_report(out_dir: Path, cfg: RunConfig, rows: list[dict[str, Any]], res
 
 
 def run_stages(cfg: RunConfig, stages: list[Stage], *, resume: bool = False, overwrite: bool = False,
-               progress: bool = True, resume_command: str | None = None) -> dict[str, Any]:
+               progress: bool = True, resume_command: str | None = None, html_report: bool = True,
+               validation_as_test: bool = False) -> dict[str, Any]:
     """Run ``stages`` for ``cfg`` into ``cfg.out_dir`` (see the module docstring); returns the last stage's test
     result (the content of the top-level ``test_metrics.json``) with ``pipeline`` added: one entry per stage
-    with ``seconds`` (wall time, summed over interrupted parts), ``status``, ``output`` and ``ran_now``."""
+    with ``seconds`` (wall time, summed over interrupted parts), ``status``, ``output`` and ``ran_now``.
+
+    ``html_report=False``: train stages write report.md only. ``validation_as_test``: train stages test on
+    the validation classes instead of the test split (a search's cross-validation fold, which must never
+    touch the test classes); the stage's checkpoint selection still uses the validation score."""
     from dmlgen.engine.trainer import LAST, TrainingInterrupted
 
     check_stages(stages)
@@ -421,7 +435,8 @@ def run_stages(cfg: RunConfig, stages: list[Stage], *, resume: bool = False, ove
         _clear(out_dir, names)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    runner = _Runner(cfg, stages, progress=progress, resume_command=command)
+    runner = _Runner(cfg, stages, progress=progress, resume_command=command, html_report=html_report,
+                     validation_as_test=validation_as_test)
     _write_json(out_dir / PIPELINE_FILE, {"method": cfg.method.name, "stages": runner.summary()})
     try:
         with runner.guard:
@@ -451,10 +466,12 @@ def run_stages(cfg: RunConfig, stages: list[Stage], *, resume: bool = False, ove
 
 
 def run_pipeline(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                 resume_command: str | None = None) -> dict[str, Any]:
+                 resume_command: str | None = None, html_report: bool = True,
+                 validation_as_test: bool = False) -> dict[str, Any]:
     """:func:`run_stages` with the stages ``cfg.method`` declares (``dmlgen train`` on a pipeline method)."""
     return run_stages(cfg, pipeline_stages(cfg), resume=resume, overwrite=overwrite, progress=progress,
-                      resume_command=resume_command)
+                      resume_command=resume_command, html_report=html_report,
+                      validation_as_test=validation_as_test)
 
 
 def stage_record(run_dir: str | Path, stage: str) -> dict[str, Any]:

@@ -59,7 +59,7 @@ def train(config: str | Path | RunConfig, overrides: Sequence[str] | None = None
             raise ConfigError(f"method.name {cfg.method.name!r} trains in several stages, which distributed "
                               "training does not support yet; train it in one process (without torchrun)")
         return run_pipeline(cfg, resume=resume, overwrite=overwrite, progress=progress,
-                            resume_command=resume_command)
+                            resume_command=resume_command, html_report=html_report)
     trainer = Trainer(cfg, progress=progress, pretrained=not resume, resume_command=resume_command)
     result = trainer.fit(resume=resume, overwrite=overwrite)
     # report.md, then report.html (a failure of the latter is only a warning: the results are saved).

@@ -247,7 +247,8 @@ def build_splits(cfg: DataConfig) -> DataSplits:
     Standard benchmarks (``cub200``, ``cars196``, ``sop``, ``inshop``, ``cifar10``, ``cifar100``): their fixed
     train / test split (:mod:`dmlgen.data.standard`); In-Shop adds the gallery, with ``test`` the queries.
     With ``data.folds`` set, train / val are fold ``data.fold`` of a class-disjoint k-fold split of all the
-    training classes (Omniglot: every background alphabet) instead; test is unchanged.
+    training classes (Omniglot: every background alphabet, less those ``data.unlabeled`` takes) instead; test
+    is unchanged.
     ``data.protocol: closed_set``: see :func:`closed_set_splits`.
     """
     if cfg.protocol == "closed_set":
@@ -258,12 +259,13 @@ def build_splits(cfg: DataConfig) -> DataSplits:
         if cfg.folds is not None:
             # Cross-validation over every background class (no alphabet is held out).
             parts = omniglot_splits(image_size=cfg.image_size, val_alphabets=0, seed=cfg.split_seed)
-            pooled = _first_classes(ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf),
-                                    cfg.max_classes)
-            train, val = _fold_split(pooled, cfg, train_tf, eval_tf)
+            background = ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf)
+            # Unlabeled alphabets leave before the folds are cut, so no validation class is in the pool.
+            background, unlabeled, _ = _split_unlabeled(background, cfg, train_tf)
+            train, val = _fold_split(_first_classes(background, cfg.max_classes), cfg, train_tf, eval_tf)
             test = _first_classes(ArrayImageDataset.from_omniglot(parts["test"], transform=eval_tf), cfg.max_classes)
             train, dropped = _check_single_image_classes(train, cfg)
-            return DataSplits(train=train, val=val, test=test, dropped_classes=dropped)
+            return DataSplits(train=train, val=val, test=test, dropped_classes=dropped, unlabeled=unlabeled)
         parts = omniglot_splits(image_size=cfg.image_size, val_alphabets=cfg.val_alphabets, seed=cfg.split_seed)
         val_set = parts["val"]
         train = ArrayImageDataset.from_omniglot(parts["train"], transform=train_tf)
