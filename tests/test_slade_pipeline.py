@@ -95,6 +95,9 @@ def test_stages_are_wired_checkpoint_to_checkpoint(tmp_path: Path, monkeypatch: 
     assert student_cfg["method"]["params"]["pseudo_labels"] == str((out / "pseudo2" / "pseudo_labels.pt").resolve())
     # The pipeline deploys the last student; its rows log the basis statistics and the selection.
     assert sha(out / "best.ckpt") == sha(out / "student2" / "best.ckpt")
+    # Every train stage has its report.md; only the deployed one gets the HTML page.
+    assert all((out / s / "report.md").is_file() for s in ("ssl", "teacher", "student1", "student2"))
+    assert sorted(p.parent.name for p in out.rglob("report.html")) == ["student2"]
     rows = load_checkpoint(out / "student2" / LAST)["history"]
     assert {"train_mu_pos", "train_mu_neg", "train_selected_pos", "train_loss_ce", "train_selected_pos_true"} <= \
         set(rows[0])

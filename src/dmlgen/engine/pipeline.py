@@ -11,7 +11,8 @@ Run folder layout::
     <out_dir>/config.yaml          the pipeline's run config
     <out_dir>/pipeline.json        stage list, status, seconds and output of each stage
     <out_dir>/<stage>/stage.json   the stage's record: status, config hash, input hashes, output + SHA-256
-    <out_dir>/<stage>/...          a train stage: a full run folder (best.ckpt, last.ckpt, report.html, ...);
+    <out_dir>/<stage>/...          a train stage: a run folder (best.ckpt, last.ckpt, report.md; the last stage
+                                   also report.html, ...);
                                    a task stage: whatever it saves (its output file, its last.ckpt)
     <out_dir>/test_metrics.json    the last (train) stage's test result, plus ``pipeline`` (stages, seconds)
     <out_dir>/report.md            stage table and test metrics; the full report is <last stage>/report.html
@@ -347,7 +348,9 @@ class _Runner:
         trainer = Trainer(cfg, progress=self.progress, splits=splits, pretrained=not resume,
                           resume_command=self.resume_command)
         result = trainer.fit(resume=resume)
-        write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), html=self.html_report,
+        # The HTML page (test embedding, neighbours, 2-D map) only for the deployed model: the last stage.
+        html = self.html_report and stage.name == self.order[-1]
+        write_reports(cfg.out_dir, result, trainer.state.history, cfg.to_dict(), html=html,
                       device=cfg.train.device, progress=self.progress, strict=False)
         return result
 
@@ -409,9 +412,10 @@ def run_stages(cfg: RunConfig, stages: list[Stage], *, resume: bool = False, ove
     result (the content of the top-level ``test_metrics.json``) with ``pipeline`` added: one entry per stage
     with ``seconds`` (wall time, summed over interrupted parts), ``status``, ``output`` and ``ran_now``.
 
-    ``html_report=False``: train stages write report.md only. ``validation_as_test``: train stages test on
-    the validation classes instead of the test split (a search's cross-validation fold, which must never
-    touch the test classes); the stage's checkpoint selection still uses the validation score."""
+    Train stages write report.md; the last one also report.html (``html_report=False``: not even that one).
+    ``validation_as_test``: train stages test on the validation classes instead of the test split (a search's
+    cross-validation fold, which must never touch the test classes); the stage's checkpoint selection still
+    uses the validation score."""
     from dmlgen.engine.trainer import LAST, TrainingInterrupted
 
     check_stages(stages)
