@@ -303,6 +303,26 @@ def test_search_is_repeatable_with_a_fixed_sampler_seed(tmp_path: Path, monkeypa
     assert seen[0] == seen[1] and len(set(seen[0])) == 3
 
 
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_processes_sharing_a_study_draw_different_values(tmp_path: Path) -> None:
+    """Two processes that open one study at the same moment (same trial count) still draw different values:
+    the sampler is seeded per trial number, which the storage hands out once; and the parameters of one trial
+    are separate draws, not one random number mapped onto each range."""
+    space = {"optimizer.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+             "loss.params.margin": {"type": "float", "low": 0.05, "high": 0.5}}
+    cfg = compare_config_from_dict(compare_dict(tmp_path / "cmp", method("a", **space)), REPO)
+    (tmp_path / "cmp").mkdir()
+    storage = open_storage(cfg.storage_url())
+    spec = cfg.methods[0]
+    first, second = (search_module.open_study(cfg, spec, storage, resume=True) for _ in range(2))
+    params = [search_module._suggest(study.ask(), spec) for study in (first, second, first, second)]
+    assert len({p["optimizer.lr"] for p in params}) == 4
+    for p in params:
+        u_lr = math.log(p["optimizer.lr"] / 1e-4) / math.log(100)
+        u_margin = (p["loss.params.margin"] - 0.05) / 0.45
+        assert abs(u_lr - u_margin) > 1e-6
+
+
 def test_final_stage_needs_a_finished_search(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(search_module, "train_fold", FakeFolds())
     with pytest.raises(ConfigError, match="method a: no finished search trial in study 't.a'"):
@@ -318,6 +338,27 @@ def test_cli_ctrl_c_exits_130_with_the_resume_command(tmp_path: Path, monkeypatc
     err = capsys.readouterr().err
     assert "interrupted during the search of a" in err
     assert f"dmlgen compare {path} --stage search --resume" in err
+
+
+def test_methods_option_splits_a_compare_between_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    """Shares of the methods search on one storage; the whole config then finds every trial finished."""
+    import optuna
+
+    fake = FakeFolds()
+    monkeypatch.setattr(search_module, "train_fold", fake)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(compare_dict(tmp_path / "cmp", method("a"), method("b"), method("c"))))
+    base = ["compare", str(path), "--stage", "search", "--quiet"]
+    assert main([*base, "--methods", "c", "a"]) == 0
+    storage = f"sqlite:///{tmp_path / 'cmp' / 'optuna.db'}"
+    assert sorted(optuna.get_all_study_names(storage=storage)) == ["t.a", "t.c"]
+    assert main([*base, "--methods", "b", "--resume"]) == 0
+    trained = len(fake.calls)
+    assert trained == 3 * 3 * 2  # 3 methods x 3 trials x 2 folds
+    assert main([*base, "--resume"]) == 0 and len(fake.calls) == trained  # nothing left to run
+    assert main([*base, "--methods", "a", "zz", "--resume"]) == 2
+    assert "--methods: zz: not a method of the compare config (its methods: a, b, c)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("url, expected", [

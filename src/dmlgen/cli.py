@@ -569,6 +569,9 @@ def _add_compare(sub: _Subparsers) -> None:
     p.add_argument("--stage", choices=("all", "search", "final"), default="all",
                    help="search: only the searches (e.g. extra machines); final: only the final runs and results "
                    "from finished searches (default: all)")
+    p.add_argument("--methods", nargs="+", metavar="NAME",
+                   help="only these methods of the config (e.g. one share per process on one storage: run each "
+                   "share with --resume, then the whole config with --stage final --resume for the full table)")
     p.add_argument("--quiet", action="store_true", help="no line per trial and run")
     p.set_defaults(handler=_run_compare)
 
@@ -577,16 +580,21 @@ def _run_compare(args: argparse.Namespace) -> int:
     import shlex
 
     from dmlgen.compare import CompareInterrupted, load_compare_config, run_compare
+    from dmlgen.compare.config import select_methods
 
     cfg = load_compare_config(args.config, out_dir=args.out)
     if args.storage is not None:
         cfg.storage = args.storage
+    if args.methods is not None:
+        cfg = select_methods(cfg, args.methods)
     command = ["dmlgen", "compare", args.config]
     for flag, value in (("--out", args.out), ("--storage", args.storage)):
         if value is not None:
             command += [flag, value]
     if args.stage != "all":
         command += ["--stage", args.stage]
+    if args.methods is not None:
+        command += ["--methods", *args.methods]
     start = time.perf_counter()
     try:
         payload = run_compare(cfg, resume=args.resume, stage=args.stage,

@@ -12,7 +12,8 @@ import copy
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,7 +21,8 @@ from dmlgen.engine.config import RunConfig, config_from_dict
 from dmlgen.engine.config_schema import from_dict, load_yaml, to_dict
 from dmlgen.errors import ConfigError
 
-__all__ = ["CompareConfig", "MethodSpec", "SearchParam", "load_compare_config", "resolve_run_config", "set_key"]
+__all__ = ["CompareConfig", "MethodSpec", "SearchParam", "load_compare_config", "resolve_run_config", "select_methods",
+           "set_key"]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SCALAR = (str, int, float, bool, type(None))
@@ -373,3 +375,14 @@ def load_compare_config(path: str | Path, *, out_dir: str | Path | None = None, 
         return compare_config_from_dict(data, Path(path).resolve().parent, check=check)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def select_methods(cfg: CompareConfig, names: Sequence[str]) -> CompareConfig:
+    """``cfg`` with only the methods named (in the config's order): e.g. one share of a compare per process,
+    all on one storage and folder; a later run over the whole config reuses every finished trial and run."""
+    known = [m.name for m in cfg.methods]
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise ConfigError(f"--methods: {', '.join(unknown) or 'no name given'}: not a method of the compare config "
+                          f"(its methods: {', '.join(known)})")
+    return replace(cfg, methods=[m for m in cfg.methods if m.name in set(names)])

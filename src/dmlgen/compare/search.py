@@ -61,14 +61,43 @@ def count_trials(study: Any) -> dict[str, int]:
     return counts
 
 
-def _sampler(cfg: CompareConfig, n_existing: int) -> Any:
+def _trial_seed(base: int, number: int, name: str = "") -> int:
+    import zlib
+
     import numpy as np
+
+    return int(np.random.SeedSequence([base, number, zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+def _sampler(cfg: CompareConfig) -> Any:
+    """Optuna's TPE sampler, seeded per trial from ``sampler.seed`` and the trial's number.
+
+    The number is unique in the storage, so processes that share a study (several machines, or several
+    processes of one) never draw the same values for different trials, however they start; a search is
+    repeatable, and a resumed one does not replay the random start-up values it already tried. TPE keeps no
+    state between trials except its random generator (it reads the finished trials from the study), so a fresh
+    seeded instance per trial (and parameter) is the same sampler.
+    """
     import optuna
 
-    # A resumed study gets a seed derived from the number of trials it holds: the same seed again would
-    # replay the random start-up points of the trials it already has.
-    seed = int(np.random.SeedSequence([cfg.sampler.seed, n_existing]).generate_state(1)[0])
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=cfg.sampler.startup_trials)
+    startup = cfg.sampler.startup_trials
+    base = cfg.sampler.seed
+
+    class TrialSeededTPE(optuna.samplers.BaseSampler):
+        def _tpe(self, trial: Any, name: str = "") -> Any:
+            # One generator per (trial, parameter): two parameters must not share a random draw.
+            return optuna.samplers.TPESampler(seed=_trial_seed(base, trial.number, name), n_startup_trials=startup)
+
+        def infer_relative_search_space(self, study: Any, trial: Any) -> dict[str, Any]:
+            return self._tpe(trial).infer_relative_search_space(study, trial)
+
+        def sample_relative(self, study: Any, trial: Any, search_space: dict[str, Any]) -> dict[str, Any]:
+            return self._tpe(trial).sample_relative(study, trial, search_space)
+
+        def sample_independent(self, study: Any, trial: Any, param_name: str, param_distribution: Any) -> Any:
+            return self._tpe(trial, param_name).sample_independent(study, trial, param_name, param_distribution)
+
+    return TrialSeededTPE()
 
 
 def open_study(cfg: CompareConfig, method: MethodSpec, storage: Any, *, resume: bool) -> Any:
@@ -98,7 +127,7 @@ def open_study(cfg: CompareConfig, method: MethodSpec, storage: Any, *, resume: 
         raise ConfigError(f"study {name!r} in the storage minimises; dmlgen compare needs a maximising study")
     if "dmlgen_search" not in study.user_attrs:
         study.set_user_attr("dmlgen_search", spec)
-    study.sampler = _sampler(cfg, len(study.get_trials(deepcopy=False)))
+    study.sampler = _sampler(cfg)
     return study
 
 
