@@ -478,6 +478,23 @@ def test_a_fold_of_a_multi_stage_method_scores_its_validation_classes(tmp_path: 
     assert search_module.train_fold(cfg, fold) == result  # fold_result.json reused
 
 
+def test_results_markdown_lists_every_method_against_the_best() -> None:
+    from dmlgen.compare.results import _against_best, summarize
+
+    scores = {"a": [0.5, 0.6, 0.55], "b": [0.4, 0.45, 0.5], "c": [0.55, 0.7, 0.6]}
+    payload = summarize({n: {"per_seed": {s: {"map@r": v} for s, v in enumerate(x)}} for n, x in scores.items()},
+                        [0, 1, 2])
+    lines = _against_best(payload, "map@r")
+    assert lines[1] == "## Against the best mean test map@r: c"
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in lines if line.startswith("| a |")
+            or line.startswith("| b |")}
+    # a - c per seed: -0.05, -0.10, -0.05; b - c: -0.15, -0.25, -0.10 (read from the best method's side).
+    assert rows == {"a": f"{100 * -0.2 / 3:.2f}", "b": f"{100 * -0.5 / 3:.2f}"}
+    two = summarize({n: {"per_seed": {s: {"map@r": v} for s, v in enumerate(scores[n])}} for n in ("a", "b")},
+                    [0, 1, 2])
+    assert _against_best(two, "map@r") == []  # two methods: the pair table says it all
+
+
 # --------------------------------------------------------------------------- end to end
 def tiny_method_config(path: Path, npz: Path, loss: dict[str, Any]) -> str:
     path.write_text(yaml.safe_dump({

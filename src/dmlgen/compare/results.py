@@ -76,6 +76,27 @@ def _fmt_value(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _against_best(payload: dict[str, Any], metric: str) -> list[str]:
+    """Markdown lines: every method against the one with the best mean test ``metric`` (the paired rows of
+    ``comparisons`` read from the best method's side); none with fewer than three methods."""
+    means = {name: info["summary"][metric]["mean"] for name, info in payload["methods"].items()
+             if metric in info["summary"] and info["summary"][metric]["mean"] is not None}
+    if len(means) < 3:
+        return []
+    best = max(means, key=lambda name: means[name])
+    lines = ["", f"## Against the best mean test {metric}: {best}", "",
+             f"Each method minus {best} (×100), paired over seeds; the full table of pairs is below.", "",
+             "| method | mean difference | 95% CI of the difference | t-test p |", "|---|---:|---:|---:|"]
+    for c in payload["comparisons"]:
+        if c["metric"] != metric or best not in (c["a"], c["b"]):
+            continue
+        other, sign = (c["b"], -1.0) if c["a"] == best else (c["a"], 1.0)
+        ci = "—" if c["diff_ci95"] is None else f"± {_pct(c['diff_ci95'])}"
+        t_p = _p(c["t_test"]["p"]) if c["t_test"] else "—"
+        lines.append(f"| {other} | {_pct(sign * c['mean_diff'])} | {ci} | {t_p} |")
+    return lines
+
+
 def _markdown(payload: dict[str, Any]) -> str:
     setup, methods, seeds = payload["setup"], payload["methods"], payload["setup"]["seeds"]
     metric = setup["score_metric"]
@@ -100,6 +121,7 @@ def _markdown(payload: dict[str, Any]) -> str:
     for name, info in methods.items():
         cells = [_mean_pm(info["summary"][m]) if m in info["summary"] else "—" for m in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += _against_best(payload, metric)
     lines += ["", "## Search", "", f"| method | trials (finished / failed) | best trial | best val {metric} | "
               "values |", "|---|---:|---:|---:|---|"]
     for name, info in methods.items():
