@@ -21,7 +21,6 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -225,10 +224,7 @@ def train_fold(run_cfg: RunConfig, out_dir: Path, *, resume_command: str | None 
                               resume_command=resume_command, html_report=False, validation_as_test=True)
     else:
         resume = (out_dir / LAST).is_file()
-        splits = build_splits(cfg.data)
-        if splits.val is None:
-            raise DataError(f"fold {cfg.data.fold} of data.folds={cfg.data.folds} has no validation classes")
-        splits = replace(splits, test=splits.val, gallery=None)
+        splits = build_splits(cfg.data).validation_as_test(f"fold {cfg.data.fold} of data.folds={cfg.data.folds}")
         trainer = Trainer(cfg, progress=False, splits=splits, pretrained=not resume,
                           resume_command=resume_command)
         result = trainer.fit(resume=resume, overwrite=True)

@@ -37,7 +37,6 @@ Semantics (make-like):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
@@ -52,7 +51,7 @@ from dmlgen.engine.checkpoint import CHECKPOINT_FORMAT, atomic_save, load_checkp
 from dmlgen.engine.config import RunConfig, config_from_dict
 from dmlgen.engine.logging import RunLogger
 from dmlgen.engine.setup import DataSplits, build_method_from_config, build_splits, resolve_device
-from dmlgen.errors import CheckpointError, ConfigError, DataError
+from dmlgen.errors import CheckpointError, ConfigError
 from dmlgen.methods.stages import Stage, check_stages
 
 PIPELINE_FILE = "pipeline.json"
@@ -337,14 +336,9 @@ class _Runner:
             raise ConfigError(f"stage {stage.name!r}: {exc}") from None
         resume = resume and (ctx.folder / LAST).is_file()
         # The stage trains on the pipeline's data: reuse the splits already loaded (same data config only).
-        same_data = cfg.data == self.cfg.data
-        splits = self._splits if self._splits is not None and same_data else build_splits(cfg.data)
-        if same_data:
-            self._splits = splits
+        splits = self.splits if cfg.data == self.cfg.data else build_splits(cfg.data)
         if self.validation_as_test:  # a cross-validation fold: "test" scores the validation classes
-            if splits.val is None:
-                raise DataError(f"stage {stage.name!r}: validation_as_test needs validation classes (data.folds)")
-            splits = dataclasses.replace(splits, test=splits.val, gallery=None)
+            splits = splits.validation_as_test(f"stage {stage.name!r} (validation_as_test)")
         trainer = Trainer(cfg, progress=self.progress, splits=splits, pretrained=not resume,
                           resume_command=self.resume_command)
         result = trainer.fit(resume=resume)

@@ -94,6 +94,13 @@ class DataSplits:
     gallery: Any | None = None
     unlabeled: Any | None = None
 
+    def validation_as_test(self, owner: str) -> DataSplits:
+        """These splits with the validation classes as the test split (and no gallery): a cross-validation
+        fold, scored without touching the test classes. ``owner`` names the run in the error without them."""
+        if self.val is None:
+            raise DataError(f"{owner} has no validation classes")
+        return dataclasses.replace(self, test=self.val, gallery=None)
+
     def summary(self) -> dict[str, int]:
         out = {}
         for name in ("train", "val", "test") + (("gallery",) if self.gallery is not None else ()):

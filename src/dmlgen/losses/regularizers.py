@@ -103,10 +103,10 @@ class _MDRFromEmbeddings(torch.autograd.Function):
         midpoints = (targets[1:] + targets[:-1]) / 2
         half_steps = ((targets[1:] - targets[:-1]) / 2).tolist()
         above = [torch.sub(dist, m).sign_() for m in midpoints]  # sign(d - m_k), (N, N) each
-        nearest = torch.zeros_like(dist)
+        offset = torch.zeros_like(dist)  # the nearest target, less its constant part t_0 + Σ half-steps
         for step, side in zip(half_steps, above):
-            nearest.add_(side, alpha=step)
-        residual = torch.sub(dist, nearest).sub_(targets[0] + sum(half_steps))  # σ (z - s_nearest)
+            offset.add_(side, alpha=step)
+        residual = torch.sub(dist, offset).sub_(targets[0] + sum(half_steps))  # σ (z - s_nearest)
         sign = residual.sign().fill_diagonal_(0.0)  # the N self-pairs are not pairs
         value = residual.abs_().fill_diagonal_(0.0).sum() / (sigma * n * (n - 1))
         # Σ sign over the pairs nearest to level k: [nearest >= k] sums minus [nearest >= k+1] sums.
