@@ -22,6 +22,7 @@ from dmlgen.models import (
     build_backbone,
     build_model,
 )
+from dmlgen.models.heads import scale_by_mean_distance
 
 
 @pytest.fixture(autouse=True)
@@ -238,6 +239,37 @@ def test_head_normalisation_on_and_off() -> None:
         for param in on.parameters():
             param.zero_()
     assert torch.equal(on(features), torch.zeros(5, 16))  # an all-zero row stays zero, not NaN
+
+
+def _scaled_by_mean_distance_loop(x: torch.Tensor) -> torch.Tensor:
+    """Oracle: divide by the mean of |x_j - x_k| over the ordered pairs j != k, one pair at a time."""
+    n = x.shape[0]
+    total = sum(torch.linalg.vector_norm(x[j] - x[k]) for j in range(n) for k in range(n) if j != k)
+    return x / (total / (n * (n - 1)) + 1e-12)
+
+
+def test_scale_by_mean_distance_matches_a_pair_loop_in_value_and_gradient() -> None:
+    x = torch.randn(7, 5, dtype=torch.float64)
+    x[3] = x[1]  # a duplicate pair: zero distance, finite gradient
+    weights = torch.randn(7, 5, dtype=torch.float64)
+    ours = x.clone().requires_grad_(True)
+    oracle = x.clone()
+    oracle[3] = oracle[3] + 1e-9  # the loop's norm has no clamp: keep its duplicate just off zero
+    oracle.requires_grad_(True)
+    scaled = scale_by_mean_distance(ours)
+    expected = _scaled_by_mean_distance_loop(oracle)
+    torch.testing.assert_close(scaled, expected, rtol=1e-7, atol=1e-7)
+    (scaled * weights).sum().backward()
+    (expected * weights).sum().backward()
+    assert torch.isfinite(ours.grad).all()
+    # The duplicate pair's distance term has a zero gradient here and a ±unit-vector one in the oracle
+    # (whose 1e-9 offset picks a direction): compare the rows it does not touch.
+    keep = [0, 2, 4, 5, 6]
+    torch.testing.assert_close(ours.grad[keep], oracle.grad[keep], rtol=1e-6, atol=1e-6)
+    mean_off_diagonal = torch.cdist(scaled, scaled).sum() / (7 * 6)
+    torch.testing.assert_close(mean_off_diagonal, torch.tensor(1.0, dtype=torch.float64))
+    one_row = torch.randn(1, 5)
+    assert scale_by_mean_distance(one_row) is one_row
 
 
 def test_head_mlp_and_validation() -> None:
