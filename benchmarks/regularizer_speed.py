@@ -10,6 +10,10 @@ on the same batch, and the LSD loss alone (forward + backward on fixed embedding
 forward" near 1 means LSD costs the teacher forward and nothing more.
 Backbones: convnet4 at 28 px (the Omniglot configs, batch 128) and resnet18 at 112 px (batch 64).
 
+The losses run inside ``shared_gram_matrices()`` as the trainer runs every step (one batch-by-batch product for
+the miner and MDR); "no shared product" is the same step outside it. The recipe table adds the head's
+mean-distance scaling, also against its former (N, N, D) formulation.
+
 Both variants of each comparison run interleaved in one process (the order alternates every repeat); each cell
 is the median over ``--repeats`` timed calls after ``--warmup`` untimed ones.
 
@@ -19,6 +23,7 @@ Run:  .venv/bin/python benchmarks/regularizer_speed.py [--repeats 50] [--threads
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -36,8 +41,9 @@ import dmlgen.losses as dl  # noqa: E402
 from dmlgen.engine.config import ModelConfig  # noqa: E402
 from dmlgen.engine.setup import build_model_from_config  # noqa: E402
 from dmlgen.engine.teacher import EpochSnapshotTeacher  # noqa: E402
-from dmlgen.losses.distances import distances_and_active, euclidean_distance_matrix  # noqa: E402
-from dmlgen.losses.regularizers import ListwiseSelfDistillation, MDRRegularizer, _MDRFromEmbeddings, mdr_loss  # noqa: E402,E501
+from dmlgen.losses.distances import euclidean_distance_matrix, shared_gram_matrices  # noqa: E402
+from dmlgen.losses.regularizers import ListwiseSelfDistillation, MDRRegularizer, mdr_loss  # noqa: E402
+from dmlgen.models.heads import scale_by_mean_distance  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
@@ -64,11 +70,14 @@ def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
 
     def loss_only() -> None:
         emb = x.clone().requires_grad_(True)
-        triplet(emb, labels, miner(emb, labels)).backward()
+        with shared_gram_matrices():  # as the trainer runs every step
+            total = triplet(emb, labels, miner(emb, labels))
+        total.backward()
 
-    def loss_and_mdr() -> None:
+    def loss_and_mdr(shared: bool = True) -> None:
         emb = x.clone().requires_grad_(True)
-        total = triplet(emb, labels, miner(emb, labels)) + mdr.weight * mdr(emb, labels) + mdr.penalty()
+        with shared_gram_matrices() if shared else contextlib.nullcontext():
+            total = triplet(emb, labels, miner(emb, labels)) + mdr.weight * mdr(emb, labels) + mdr.penalty()
         total.backward()
 
     def mdr_only() -> None:
@@ -82,23 +91,42 @@ def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
         dist = euclidean_distance_matrix(emb)
         (mdr_loss(dist, mdr.running_mean, mdr.running_std, mdr.levels) + mdr.penalty()).backward()
 
-    mdr(x)  # running statistics for the ceiling below
-    with torch.no_grad():
-        dist, active = distances_and_active(x)
-
-    def loss_and_mdr_given_distances() -> None:
-        # The ceiling of sharing a matrix product with the miner: MDR with its distance values given for free
-        # (the closed-form backward needs no graph of them), the rest of MDR as in the module.
-        emb = x.clone().requires_grad_(True)
-        value = _MDRFromEmbeddings.apply(emb, mdr.levels, dist.clone(), active, mdr.running_mean, mdr.running_std)
-        (triplet(emb, labels, miner(emb, labels)) + mdr.weight * value + mdr.penalty()).backward()
-
-    t = interleaved({"triplet": loss_only, "triplet+mdr": loss_and_mdr, "mdr": mdr_only,
-                     "mdr_autograd": mdr_autograd, "triplet+mdr_given_distances": loss_and_mdr_given_distances},
-                    repeats, warmup)
+    t = interleaved({"triplet": loss_only, "triplet+mdr": loss_and_mdr,
+                     "triplet+mdr_unshared": lambda: loss_and_mdr(shared=False), "mdr": mdr_only,
+                     "mdr_autograd": mdr_autograd}, repeats, warmup)
     return {**{f"{k}_ms": 1000 * v for k, v in t.items()},
             "mdr_added_fraction": (t["triplet+mdr"] - t["triplet"]) / t["triplet"],
-            "mdr_given_distances_added_fraction": (t["triplet+mdr_given_distances"] - t["triplet"]) / t["triplet"]}
+            "mdr_unshared_added_fraction": (t["triplet+mdr_unshared"] - t["triplet"]) / t["triplet"]}
+
+
+def scale_by_mean_distance_pairwise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """The head's scaling as it was before the Gram-based matrix: an (N, N, D) difference tensor."""
+    n = x.shape[0]
+    sq = (x.unsqueeze(1) - x.unsqueeze(0)).pow(2).sum(dim=2)
+    off = ~torch.eye(n, dtype=torch.bool, device=x.device)
+    return x / (sq[off].clamp_min(1e-12).sqrt().mean() + eps)
+
+
+def recipe_loss_step(repeats: int, warmup: int) -> dict[str, float]:
+    """MDR's whole recipe after the backbone: mean-distance scaling, DW miner, triplet, MDR (256 x 512)."""
+    features, labels = make_batch(0)
+    miner = dl.DistanceWeightedMiner(lower=0.5, upper=1.4, layout="all_pos_pairs",
+                                     generator=torch.Generator().manual_seed(0))
+    triplet = dl.TripletMarginLoss(margin=0.2, distance={"name": "lp", "normalize_embeddings": False})
+    mdr = MDRRegularizer(weight=0.6)
+
+    def step(scale: Callable[[torch.Tensor], torch.Tensor], shared: bool) -> None:
+        f = features.clone().requires_grad_(True)
+        with shared_gram_matrices() if shared else contextlib.nullcontext():
+            emb = scale(f)
+            total = triplet(emb, labels, miner(emb, labels)) + mdr.weight * mdr(emb, labels) + mdr.penalty()
+        total.backward()
+
+    t = interleaved({"shared": lambda: step(scale_by_mean_distance, True),
+                     "unshared": lambda: step(scale_by_mean_distance, False),
+                     "pairwise_scaling": lambda: step(scale_by_mean_distance_pairwise, False)},
+                    max(3, repeats // 10), min(warmup, 2))
+    return {f"{k}_ms": 1000 * v for k, v in t.items()}
 
 
 def lsd_cost(backbone: str, size: int, channels: int, classes: int, per_class: int, repeats: int,
@@ -156,11 +184,17 @@ def main() -> None:
         results["mdr"] = mdr_overhead(args.repeats, args.warmup)
         m = results["mdr"]
         print(f"MDR at 256 x 512, {args.threads} thread(s), median of {args.repeats}")
-        print("| triplet + DW miner (ms) | + MDR (ms) | MDR alone (ms) | MDR by autograd (ms) | MDR adds | target | "
-              "MDR given the distances adds |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| {m['triplet_ms']:.2f} | {m['triplet+mdr_ms']:.2f} | {m['mdr_ms']:.2f} | {m['mdr_autograd_ms']:.2f} | "
-              f"{100 * m['mdr_added_fraction']:+.1f}% | <= 20% | {100 * m['mdr_given_distances_added_fraction']:+.1f}% |")
+        print("| triplet + DW miner (ms) | + MDR (ms) | MDR adds | target | + MDR, no shared product (ms) | adds | "
+              "MDR alone (ms) | MDR by autograd (ms) |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"| {m['triplet_ms']:.2f} | {m['triplet+mdr_ms']:.2f} | {100 * m['mdr_added_fraction']:+.1f}% | <= 20% | "
+              f"{m['triplet+mdr_unshared_ms']:.2f} | {100 * m['mdr_unshared_added_fraction']:+.1f}% | "
+              f"{m['mdr_ms']:.2f} | {m['mdr_autograd_ms']:.2f} |")
+        results["recipe"] = r = recipe_loss_step(args.repeats, args.warmup)
+        print("\nMDR's recipe after the backbone: mean-distance scaling + DW miner + triplet + MDR, 256 x 512")
+        print("| shared product (ms) | no shared product (ms) | with the old (N, N, D) scaling (ms) |")
+        print("|---:|---:|---:|")
+        print(f"| {r['shared_ms']:.2f} | {r['unshared_ms']:.2f} | {r['pairwise_scaling_ms']:.1f} |")
     if "lsd" in args.parts:
         settings = [("convnet4", 28, 1, 32, 4, args.repeats), ("resnet18", 112, 3, 16, 4, max(5, args.repeats // 5))]
         print("\nLSD per training step (multi-similarity loss, Adam)")

@@ -66,6 +66,7 @@ from dmlgen.engine.setup import (
 )
 from dmlgen.errors import CheckpointError, ConfigError, DataError, DmlgenError
 from dmlgen.evaluation.evaluate import evaluate_embeddings
+from dmlgen.losses.distances import shared_gram_matrices
 from dmlgen.methods import MethodSetup
 from dmlgen.models.heads import scale_by_mean_distance
 
@@ -658,10 +659,13 @@ class Trainer:
                     self._stop_on_data_error(failure, logger)
                 # The step's own randomness (dropout, random miners) depends on (seed, epoch, step) only.
                 torch.manual_seed(_step_seed(cfg.train.seed, epoch, state.step_in_epoch))
-                if self.method.custom_step:
-                    value, reg_values = self.method.train_step(context, (images, labels, indices), extra_batches)
-                else:
-                    value, reg_values = self._train_step(images, labels)
+                # One batch-by-batch product for the head's scaling, the miner, the loss and the regularizers.
+                with shared_gram_matrices():
+                    if self.method.custom_step:
+                        value, reg_values = self.method.train_step(context, (images, labels, indices),
+                                                                   extra_batches)
+                    else:
+                        value, reg_values = self._train_step(images, labels)
                 state.epoch_loss_sum += value
                 for name, reg_value in reg_values.items():
                     state.epoch_regularizer_sums[name] = state.epoch_regularizer_sums.get(name, 0.0) + reg_value

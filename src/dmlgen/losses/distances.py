@@ -12,7 +12,9 @@ exactly 0; the clamp gives duplicates a zero gradient instead of NaN.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -26,14 +28,83 @@ from ._checks import build_from_spec, check_bool, check_number
 SQ_DIST_EPS = 1e-12
 
 
-def distances_and_active(query: Tensor, ref: Tensor | None = None) -> tuple[Tensor, Tensor]:
+_SHARED_GRAMS: ContextVar[dict[tuple[Any, ...], tuple[Tensor, Tensor]] | None] = ContextVar(
+    "dmlgen_shared_grams", default=None
+)
+
+
+@contextmanager
+def shared_gram_matrices() -> Iterator[None]:
+    """Within the block, :func:`gram_matrix` multiplies a given tensor by itself once.
+
+    A training step's miner, loss, regularizers and the head's mean-distance scaling each compare the same
+    batch with itself; in MDR's recipe that is three ``(N, D) x (D, N)`` products of one batch, a large share
+    of the loss step (benchmarks/regularizer_speed.py). The trainer opens one block per step; the matrices are
+    dropped when it closes. Outside a block nothing is kept.
+    """
+    token = _SHARED_GRAMS.set({})
+    try:
+        yield
+    finally:
+        _SHARED_GRAMS.reset(token)
+
+
+def _gram_key(x: Tensor) -> tuple[Any, ...]:
+    # The entry keeps its tensor alive, so the address cannot be reused by another tensor inside the block;
+    # the version counter changes on every in-place write, and the autocast state sets the product's dtype.
+    return (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype, x.device, x._version,
+            torch.is_autocast_enabled(x.device.type))
+
+
+def gram_matrix(x: Tensor) -> Tensor:
+    """``x @ x.T`` ``(N, N)`` of ``x (N, D)``, without a graph; inside :func:`shared_gram_matrices` computed
+    once per tensor (the same storage, shape, strides, dtype and in-place version). Do not modify the result.
+    """
+    x = x.detach()
+    cache = _SHARED_GRAMS.get()
+    if cache is None:
+        return x @ x.transpose(0, 1)
+    key = _gram_key(x)
+    entry = cache.get(key)
+    if entry is None:
+        entry = cache[key] = (x, x @ x.transpose(0, 1))
+    return entry[1]
+
+
+def share_scaled_gram(scaled: Tensor, source: Tensor, factor: Tensor) -> None:
+    """Inside :func:`shared_gram_matrices`: ``scaled`` is ``source * factor`` (``factor`` a scalar), so its Gram
+    matrix is ``factor² gram_matrix(source)``, one pass instead of a product. Outside a block: nothing."""
+    cache = _SHARED_GRAMS.get()
+    if cache is None:
+        return
+    scaled = scaled.detach()
+    factor = factor.detach()
+    cache[_gram_key(scaled)] = (scaled, gram_matrix(source).mul(factor * factor))
+
+
+def distances_and_active(query: Tensor, ref: Tensor | None = None, *, normalize: bool = False
+                         ) -> tuple[Tensor, Tensor]:
     """The values of :func:`euclidean_distance_matrix` (no graph) and the boolean ``(N, M)`` mask of the
-    entries whose gradient passes the clamp, for closed-form backward passes built on them."""
+    entries whose gradient passes the clamp, for closed-form backward passes built on them.
+
+    ``normalize``: of the rows divided by ``max(|row|, 1e-12)`` (``F.normalize``'s values); a self-comparison
+    then rescales the raw rows' shared :func:`gram_matrix` instead of multiplying the normalised rows.
+    """
     same = ref is None
-    other = query if ref is None else ref
-    q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
-    r2 = q2.view(1, -1) if same else (other * other).sum(dim=1).unsqueeze(0)  # (1, M)
-    sq = (q2 + r2).sub_((query @ other.transpose(0, 1)).mul_(2.0))  # q2 + r2 - 2 q.r, two (N, M) buffers
+    if same:
+        prod = gram_matrix(query)
+        q2 = (query * query).sum(dim=1, keepdim=True).detach()  # (N, 1)
+        if normalize:
+            inv_norm = q2.sqrt().clamp_min(1e-12).reciprocal()
+            prod = prod * (inv_norm * inv_norm.view(1, -1))  # cosines: a new buffer, the shared one stays
+            q2 = q2 * inv_norm * inv_norm
+        sq = (q2 + q2.view(1, -1)).sub_(prod, alpha=2.0)  # q2 + r2 - 2 q.r
+    else:
+        if normalize:
+            query, ref = F.normalize(query, dim=1), F.normalize(ref, dim=1)
+        q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
+        r2 = (ref * ref).sum(dim=1).unsqueeze(0)  # (1, M)
+        sq = (q2 + r2).sub_((query @ ref.transpose(0, 1)).mul_(2.0))  # two (N, M) buffers
     active = sq >= SQ_DIST_EPS  # where clamp_min passes the gradient
     dist = sq.clamp_min_(SQ_DIST_EPS).sqrt_()
     if same:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from dmlgen.errors import ConfigError
@@ -24,7 +23,7 @@ from .distances import (
     DistanceSpec,
     LpDistance,
     build_distance,
-    euclidean_distance_matrix,
+    distances_and_active,
 )
 from .indices import IndicesTuple, empty_indices, sample_allowed
 
@@ -243,12 +242,12 @@ class DistanceWeightedMiner(BaseMiner):
             return self._probabilities(batch, neg)
 
     def _probabilities(self, batch: MetricBatch, neg: Tensor) -> Tensor:
-        q = F.normalize(batch.embeddings.detach(), dim=1)
-        r = None if batch.self_ref else F.normalize(batch.ref_emb.detach(), dim=1)
-        # The matrix in the compute dtype (one matmul), the weights in float64: log-weights span thousands
-        # in 512-d, where fp32 rounding alone would move probabilities by ~1e-4.
-        dist = euclidean_distance_matrix(q, r).double()
-        return self.probabilities_from_distances(dist, neg, q.shape[1])
+        # The matrix in the compute dtype (from the step's shared Gram matrix of the raw rows when comparing the
+        # batch with itself), the weights in float64: log-weights span thousands in 512-d, where fp32 rounding
+        # alone would move probabilities by ~1e-4.
+        ref = None if batch.self_ref else batch.ref_emb.detach()
+        dist, _ = distances_and_active(batch.embeddings.detach(), ref, normalize=True)
+        return self.probabilities_from_distances(dist.double(), neg, batch.embeddings.shape[1])
 
     def probabilities_from_distances(self, dist: Tensor, candidates: Tensor, dim: int) -> Tensor:
         """The sampling distribution float64 ``(R, M)`` over the ``candidates (R, M)`` (bool) of each row, from

@@ -1,0 +1,95 @@
+"""The step-scoped Gram matrix shared by the head's mean-distance scaling, the distance-weighted miner and MDR."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+import dmlgen.losses as dl
+from dmlgen.losses.distances import (
+    distances_and_active,
+    euclidean_distance_matrix,
+    gram_matrix,
+    share_scaled_gram,
+    shared_gram_matrices,
+)
+from dmlgen.losses.regularizers import MDRRegularizer
+from dmlgen.models.heads import scale_by_mean_distance
+
+
+def _batch(n: int = 32, d: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g) * 3, torch.arange(n // 4).repeat_interleave(4)
+
+
+def test_gram_matrix_is_computed_once_per_tensor_version_inside_a_block_only() -> None:
+    x, _ = _batch()
+    outside = gram_matrix(x)
+    torch.testing.assert_close(outside, x @ x.T)
+    assert gram_matrix(x) is not outside  # nothing kept outside a block
+    with shared_gram_matrices():
+        first = gram_matrix(x)
+        assert gram_matrix(x) is first
+        assert gram_matrix(x.detach()) is first  # the same storage and version
+        other = x.clone()
+        assert gram_matrix(other) is not first
+        x.mul_(2.0)  # an in-place write bumps the version: the old product is stale
+        doubled = gram_matrix(x)
+        assert doubled is not first
+        torch.testing.assert_close(doubled, x @ x.T)
+        assert gram_matrix(x[:8]) is not doubled  # a view of another shape is another matrix
+    assert gram_matrix(x) is not doubled  # the block's matrices are dropped when it closes
+
+
+def test_scaled_gram_is_the_scaled_rows_product() -> None:
+    x, _ = _batch()
+    factor = torch.tensor(0.37)
+    scaled = x * factor
+    share_scaled_gram(scaled, x, factor)  # outside a block: nothing is recorded
+    with shared_gram_matrices():
+        share_scaled_gram(scaled, x, factor)
+        shared = gram_matrix(scaled)
+        assert gram_matrix(scaled) is shared
+        torch.testing.assert_close(shared, scaled @ scaled.T)
+
+
+def test_normalised_distances_match_normalising_first() -> None:
+    x, _ = _batch()
+    x[5] = 0.0  # F.normalize keeps an all-zero row zero
+    ref = torch.randn(20, 16)
+    for shared in (False, True):
+        with shared_gram_matrices() if shared else torch.no_grad():
+            dist, active = distances_and_active(x, normalize=True)
+            expected, expected_active = distances_and_active(F.normalize(x, dim=1))
+            torch.testing.assert_close(dist, expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(active, expected_active)
+            cross, _ = distances_and_active(x, ref, normalize=True)
+            torch.testing.assert_close(cross, euclidean_distance_matrix(F.normalize(x, dim=1), F.normalize(ref, dim=1)))
+
+
+def _matrix_products(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
+def test_one_product_serves_scaling_miner_and_mdr_in_a_block() -> None:
+    features, labels = _batch(64, 32)
+    loss = dl.TripletMarginLoss(margin=0.2, distance={"name": "lp", "normalize_embeddings": False})
+    mdr = MDRRegularizer(weight=0.6)
+    results = {}
+
+    def forward(shared: bool) -> None:
+        miner = dl.DistanceWeightedMiner(layout="all_pos_pairs", generator=torch.Generator().manual_seed(0))
+        with shared_gram_matrices() if shared else torch.enable_grad():
+            emb = scale_by_mean_distance(features)
+            triplets = miner(emb, labels)
+            results[shared] = (triplets, loss(emb, labels, triplets) + mdr(emb))
+
+    # Unshared: the scaling, the miner, the loss (its 192 triplets of 64 rows read the full matrix) and MDR.
+    assert _matrix_products(lambda: forward(False)) == 4
+    assert _matrix_products(lambda: forward(True)) == 1
+    for got, expected in zip(results[True][0], results[False][0]):
+        assert torch.equal(got, expected)  # the same draws from the same probabilities
+    torch.testing.assert_close(results[True][1], results[False][1])
