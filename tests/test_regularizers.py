@@ -193,13 +193,16 @@ def test_mdr_gradients_of_levels_and_embeddings() -> None:
 
 @pytest.mark.parametrize("levels", [[-2.0, 0.0, 1.0, 3.0], [1.0, -2.0, 3.0, 0.0], [0.5]], ids=["sorted", "unsorted", "one"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_mdr_closed_form_backward_matches_autograd_of_mdr_loss(dtype: torch.dtype, levels: list[float]) -> None:
+@pytest.mark.parametrize("with_duplicate", [True, False])
+def test_mdr_closed_form_backward_matches_autograd_of_mdr_loss(dtype: torch.dtype, levels: list[float],
+                                                               with_duplicate: bool) -> None:
     """The module's closed-form forward and backward against autograd through the functional core on the
     distance matrix (levels in any order: the module sorts them internally)."""
     g = torch.Generator().manual_seed(11)
     for trial in range(3):
         x = torch.randn(48, 16, generator=g, dtype=dtype)
-        x[5] = x[7]  # a duplicate pair: clamped distance, zero gradient in both
+        if with_duplicate:  # a clamped distance, zero gradient in both (the module's masked path)
+            x[5] = x[7]
         reg = MDRRegularizer(levels=levels).to(dtype)
         if trial:
             reg(x)  # running statistics that differ from the batch's

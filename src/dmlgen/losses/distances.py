@@ -12,6 +12,7 @@ exactly 0; the clamp gives duplicates a zero gradient instead of NaN.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -82,35 +83,55 @@ def share_scaled_gram(scaled: Tensor, source: Tensor, factor: Tensor) -> None:
     cache[_gram_key(scaled)] = (scaled, gram_matrix(source).mul(factor * factor))
 
 
-def distances_and_active(query: Tensor, ref: Tensor | None = None, *, normalize: bool = False
-                         ) -> tuple[Tensor, Tensor]:
-    """The values of :func:`euclidean_distance_matrix` (no graph) and the boolean ``(N, M)`` mask of the
-    entries whose gradient passes the clamp, for closed-form backward passes built on them.
-
-    ``normalize``: of the rows divided by ``max(|row|, 1e-12)`` (``F.normalize``'s values); a self-comparison
-    then rescales the raw rows' shared :func:`gram_matrix` instead of multiplying the normalised rows.
-    """
-    same = ref is None
-    if same:
+def _squared_distances(query: Tensor, ref: Tensor | None, normalize: bool) -> Tensor:
+    """``|q|^2 + |r|^2 - 2 q.r`` ``(N, M)`` before the clamp, in a fresh buffer."""
+    if ref is None:
         prod = gram_matrix(query)
-        q2 = (query * query).sum(dim=1, keepdim=True).detach()  # (N, 1)
+        # The squared norms from the product's own diagonal: a duplicate pair then cancels to exactly 0 (a
+        # separate reduction leaves ~1e-3 of rounding noise at fp32 norms of 10, a spurious distance).
+        q2 = prod.diagonal().unsqueeze(1)  # (N, 1)
         if normalize:
             inv_norm = q2.sqrt().clamp_min(1e-12).reciprocal()
             prod = prod * (inv_norm * inv_norm.view(1, -1))  # cosines: a new buffer, the shared one stays
             q2 = q2 * inv_norm * inv_norm
-        sq = (q2 + q2.view(1, -1)).sub_(prod, alpha=2.0)  # q2 + r2 - 2 q.r
-    else:
-        if normalize:
-            query, ref = F.normalize(query, dim=1), F.normalize(ref, dim=1)
-        q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
-        r2 = (ref * ref).sum(dim=1).unsqueeze(0)  # (1, M)
-        sq = (q2 + r2).sub_((query @ ref.transpose(0, 1)).mul_(2.0))  # two (N, M) buffers
-    active = sq >= SQ_DIST_EPS  # where clamp_min passes the gradient
+        return (q2 + q2.view(1, -1)).sub_(prod, alpha=2.0)
+    if normalize:
+        query, ref = F.normalize(query, dim=1), F.normalize(ref, dim=1)
+    q2 = (query * query).sum(dim=1, keepdim=True)  # (N, 1)
+    r2 = (ref * ref).sum(dim=1).unsqueeze(0)  # (1, M)
+    return (q2 + r2).sub_((query @ ref.transpose(0, 1)).mul_(2.0))  # two (N, M) buffers
+
+
+def _clamped_root(sq: Tensor, same: bool) -> Tensor:
     dist = sq.clamp_min_(SQ_DIST_EPS).sqrt_()
-    if same:
-        dist.fill_diagonal_(0.0)
+    return dist.fill_diagonal_(0.0) if same else dist
+
+
+def distance_values(query: Tensor, ref: Tensor | None = None, *, normalize: bool = False) -> Tensor:
+    """The values of :func:`euclidean_distance_matrix` ``(N, M)`` without a graph (miners, statistics).
+
+    ``normalize``: of the rows divided by ``max(|row|, 1e-12)`` (``F.normalize``'s values); a self-comparison
+    then rescales the raw rows' shared :func:`gram_matrix` instead of multiplying the normalised rows.
+    """
+    return _clamped_root(_squared_distances(query, ref, normalize), ref is None)
+
+
+def distances_and_active(query: Tensor, ref: Tensor | None = None, *, normalize: bool = False
+                         ) -> tuple[Tensor, Tensor]:
+    """:func:`distance_values` and the boolean ``(N, M)`` mask of the entries whose gradient passes the clamp,
+    for closed-form backward passes built on them."""
+    sq = _squared_distances(query, ref, normalize)
+    active = sq >= SQ_DIST_EPS  # where clamp_min passes the gradient
+    if ref is None:
         active.fill_diagonal_(False)
-    return dist, active
+    return _clamped_root(sq, ref is None), active
+
+
+@functools.cache
+def clamped_distance(dtype: torch.dtype) -> float:
+    """The value a clamped entry (a duplicate pair) takes in a ``dtype`` distance matrix: ``sqrt(1e-12)``
+    rounded as that dtype rounds it; every entry whose gradient passes the clamp is at least this."""
+    return float(torch.tensor(SQ_DIST_EPS, dtype=dtype).sqrt())
 
 
 class _EuclideanDistanceMatrix(torch.autograd.Function):

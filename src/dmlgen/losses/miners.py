@@ -23,7 +23,7 @@ from .distances import (
     DistanceSpec,
     LpDistance,
     build_distance,
-    distances_and_active,
+    distance_values,
 )
 from .indices import IndicesTuple, empty_indices, sample_allowed
 
@@ -246,7 +246,7 @@ class DistanceWeightedMiner(BaseMiner):
         # batch with itself), the weights in float64: log-weights span thousands in 512-d, where fp32 rounding
         # alone would move probabilities by ~1e-4.
         ref = None if batch.self_ref else batch.ref_emb.detach()
-        dist, _ = distances_and_active(batch.embeddings.detach(), ref, normalize=True)
+        dist = distance_values(batch.embeddings.detach(), ref, normalize=True)
         return self.probabilities_from_distances(dist.double(), neg, batch.embeddings.shape[1])
 
     def probabilities_from_distances(self, dist: Tensor, candidates: Tensor, dim: int) -> Tensor:

@@ -23,7 +23,7 @@ from dmlgen.errors import ConfigError
 
 from ._checks import build_named, check_bool, check_number
 from .batch import full_precision
-from .distances import distances_and_active
+from .distances import clamped_distance, distance_values
 
 #: Floor of the running standard deviation of distances (methods.md §3.1, step 3).
 MDR_SIGMA_FLOOR = 1e-6
@@ -91,49 +91,61 @@ class _MDRFromEmbeddings(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, levels: Tensor, dist: Tensor, active: Tensor, mean: Tensor,
-                std: Tensor) -> Tensor:
-        n, k = dist.shape[0], levels.shape[0]
-        sigma = std.clamp_min(MDR_SIGMA_FLOOR)
-        # Work in distance units: level s_k sits at t_k = mean + σ s_k, so z = (d - mean) / σ is never formed.
-        # With the levels sorted, the nearest target is t_0 + Σ_k (t_k+1 - t_k) [d > m_k] over the midpoints
-        # m_k, and [d > m] = (1 + sign(d - m)) / 2: sign passes instead of index tensors and gathers.
+    def forward(ctx: Any, x: Tensor, levels: Tensor, dist: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        n = dist.shape[0]
         ordered, order = levels.sort()
-        targets = mean + sigma * ordered
-        midpoints = (targets[1:] + targets[:-1]) / 2
-        half_steps = ((targets[1:] - targets[:-1]) / 2).tolist()
-        above = [torch.sub(dist, m).sign_() for m in midpoints]  # sign(d - m_k), (N, N) each
-        offset = torch.zeros_like(dist)  # the nearest target, less its constant part t_0 + Σ half-steps
-        for step, side in zip(half_steps, above):
-            offset.add_(side, alpha=step)
-        residual = torch.sub(dist, offset).sub_(targets[0] + sum(half_steps))  # σ (z - s_nearest)
+        # The K + 2 scalars as Python numbers, in one transfer: a dozen 0-dim tensor ops cost as much as the
+        # (N, N) passes below (benchmarks/regularizer_speed.py).
+        mu, sigma, *levels_sorted = torch.cat(
+            [mean.view(1), std.clamp_min(MDR_SIGMA_FLOOR).view(1), ordered.detach()]).tolist()
+        # Work in distance units: level s_k sits at t_k = mean + σ s_k, so z = (d - mean) / σ is never formed.
+        # With the levels sorted, the nearest target is t_0 + Σ_k h_k (1 + sign(d - m_k)) over the midpoints
+        # m_k and half-steps h_k: sign passes instead of index tensors and gathers.
+        targets = [mu + sigma * s for s in levels_sorted]
+        midpoints = [(a + b) / 2 for a, b in zip(targets, targets[1:])]
+        half_steps = [(b - a) / 2 for a, b in zip(targets, targets[1:])]
+        residual = torch.sub(dist, targets[0] + sum(half_steps))  # σ (z - s_nearest), once the sides are in
+        sides = []  # sign(d - m_k), (N, N) each
+        for midpoint, half_step in zip(midpoints, half_steps):
+            side = torch.sub(dist, midpoint).sign_()
+            residual.sub_(side, alpha=half_step)
+            sides.append(side.view(-1))
         sign = residual.sign().fill_diagonal_(0.0)  # the N self-pairs are not pairs
-        value = residual.abs_().fill_diagonal_(0.0).sum() / (sigma * n * (n - 1))
-        # Σ sign over the pairs nearest to level k: [nearest >= k] sums minus [nearest >= k+1] sums.
         flat = sign.view(-1)
-        total = flat.sum()
-        at_least = [total] + [(total + torch.dot(flat, side.view(-1))) / 2 for side in above] + [total * 0]
-        level_sums = torch.zeros_like(levels)
-        level_sums[order] = torch.stack([at_least[i] - at_least[i + 1] for i in range(k)]).to(levels.dtype)
-        # sign / d where the clamp passes the gradient, else 0; the diagonal's sign is 0 already and its d of 0
-        # becomes 1 (dist is this call's scratch copy: MDRRegularizer.forward does not use it afterwards).
-        weights = sign.mul_(active).div_(dist.fill_diagonal_(1.0))
-        ctx.save_for_backward(x, weights, level_sums, sigma)
+        value = torch.dot(flat, residual.view(-1)) / (sigma * n * (n - 1))  # Σ |residual| over the pairs
+        # Σ sign over the pairs nearest to level k: [nearest >= k] sums minus [nearest >= k+1] sums, where
+        # [nearest >= k+1] = (1 + side_k) / 2.
+        sums = torch.stack([flat.sum()] + [torch.dot(flat, side) for side in sides])
+        at_least = torch.cat([sums[:1], (sums[0] + sums[1:]) / 2, sums.new_zeros(1)])
+        level_sums = torch.empty_like(levels).index_copy_(0, order, (at_least[:-1] - at_least[1:]).to(levels.dtype))
+        # sign / d where the clamp passes the gradient, else 0. The diagonal's sign is 0 already and its d of 0
+        # becomes 1 (dist is this call's scratch copy: the caller is done with it). A pair at the clamp's value
+        # (a duplicate) is rare: one min pass finds whether any is there, and only then sign(d - floor), 1 above
+        # the clamp and 0 at it, masks them (three passes; a boolean mask took 3x as long).
+        floor = clamped_distance(dist.dtype)
+        dist.fill_diagonal_(1.0)
+        if float(dist.amin()) <= floor:
+            sign.mul_(torch.sub(dist, floor).sign_())
+        weights = sign.div_(dist)
+        ctx.save_for_backward(x, weights, level_sums)
+        ctx.sigma = sigma
         return value
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None, None]:
-        x, weights, level_sums, sigma = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
+        x, weights, level_sums = ctx.saved_tensors
         n = weights.shape[0]
         scale = grad / (n * (n - 1))
         grad_x = grad_levels = None
         if ctx.needs_input_grad[1]:
             grad_levels = -scale * level_sums
         if ctx.needs_input_grad[0]:
-            w = weights * (2.0 * scale / sigma)
-            grad_x = x * w.sum(dim=1, keepdim=True) - w @ x
-        return grad_x, grad_levels, None, None, None, None
+            # 2 scale / σ (x W.sum(1) - W x), in the product's buffer: a fresh (N, D) buffer is a page-faulting
+            # allocation that costs several passes.
+            grad_x = (weights @ x).addcmul_(x, weights.sum(dim=1, keepdim=True), value=-1.0)
+            grad_x.mul_(-2.0 * scale / ctx.sigma)
+        return grad_x, grad_levels, None, None, None
 
 
 class MDRRegularizer(Regularizer):
@@ -185,7 +197,10 @@ class MDRRegularizer(Regularizer):
         else:
             n = distances.shape[0]
             values = distances.detach()[~torch.eye(n, dtype=torch.bool, device=distances.device)]
-        return values.mean(), values.std()  # separately: torch.std_mean took 4x as long here (torch 2.14, CPU)
+        mean = values.mean()
+        # Two-pass on the centred values (torch.std took 3x and torch.std_mean 4x as long: torch 2.14, CPU).
+        centred = values - mean
+        return mean, (torch.dot(centred, centred) / max(values.numel() - 1, 1)).sqrt()
 
     @torch.no_grad()
     def _update_statistics(self, distances: Tensor) -> None:
@@ -195,8 +210,9 @@ class MDRRegularizer(Regularizer):
             self.running_std.copy_(batch_std)
             self.initialized.fill_(True)
         else:
-            self.running_mean.mul_(self.momentum).add_((1 - self.momentum) * batch_mean)
-            self.running_std.mul_(self.momentum).add_((1 - self.momentum) * batch_std)
+            # momentum * old + (1 - momentum) * new, one op each
+            self.running_mean.lerp_(batch_mean.to(self.running_mean.dtype), 1 - self.momentum)
+            self.running_std.lerp_(batch_std.to(self.running_std.dtype), 1 - self.momentum)
 
     def forward(self, embeddings: Tensor, labels: Tensor | None = None,
                 teacher_embeddings: Tensor | None = None) -> Tensor:
@@ -208,8 +224,7 @@ class MDRRegularizer(Regularizer):
             return embeddings.sum() * 0.0
         with full_precision(embeddings.device):
             x = _at_least_fp32(embeddings)
-            with torch.no_grad():
-                distances, active = distances_and_active(x.detach())
+            distances = distance_values(x.detach())
             if self.training:
                 self._update_statistics(distances)
             if bool(self.initialized):
@@ -217,7 +232,7 @@ class MDRRegularizer(Regularizer):
             else:  # evaluated before any training step: this batch's statistics, not stored
                 mean, std = self.batch_statistics(distances)
             # The values of mdr_loss(euclidean_distance_matrix(x), ...), with a cheaper backward.
-            return _MDRFromEmbeddings.apply(x, self.levels.to(x.dtype), distances, active, mean.to(x.dtype),
+            return _MDRFromEmbeddings.apply(x, self.levels.to(x.dtype), distances, mean.to(x.dtype),
                                             std.to(x.dtype))
 
     def penalty(self) -> Tensor | None:
