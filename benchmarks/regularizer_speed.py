@@ -14,8 +14,10 @@ The losses run inside ``shared_gram_matrices()`` as the trainer runs every step 
 the miner and MDR); "no shared product" is the same step outside it. The recipe table adds the head's
 mean-distance scaling, also against its former (N, N, D) formulation.
 
-Both variants of each comparison run interleaved in one process (the order alternates every repeat); each cell
-is the median over ``--repeats`` timed calls after ``--warmup`` untimed ones.
+Both variants of each comparison run interleaved in one process (the order alternates every repeat); each time
+cell is the median over ``--repeats`` timed calls after ``--warmup`` untimed ones. "MDR adds" is the median of
+the per-repeat differences over the median loss step, which a shared machine's drift moves less than a
+difference of two medians.
 
 Run:  .venv/bin/python benchmarks/regularizer_speed.py [--repeats 50] [--threads 1] [--parts mdr lsd] [--json out.json]
 """
@@ -46,8 +48,9 @@ from dmlgen.losses.regularizers import ListwiseSelfDistillation, MDRRegularizer,
 from dmlgen.models.heads import scale_by_mean_distance  # noqa: E402
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls interleaved and the order alternated per repeat."""
+def interleaved_times(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Seconds of each call of each function, ``repeats`` each, calls interleaved and the order alternated per
+    repeat (so entry r of every list comes from the same stretch of time)."""
     names = list(fns)
     for _ in range(warmup):
         for name in names:
@@ -58,7 +61,18 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) ->
             start = time.perf_counter()
             fns[name]()
             times[name].append(time.perf_counter() - start)
-    return {n: statistics.median(t) for n, t in times.items()}
+    return times
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int) -> dict[str, float]:
+    """Median seconds per call of each function (:func:`interleaved_times`)."""
+    return {n: statistics.median(t) for n, t in interleaved_times(fns, repeats, warmup).items()}
+
+
+def added_fraction(base: list[float], more: list[float]) -> float:
+    """Median of the paired differences ``more[r] - base[r]`` over the median of ``base``: what a second variant
+    adds, robust to the drift of a shared machine (both calls of a pair run back to back)."""
+    return statistics.median(m - b for b, m in zip(base, more)) / statistics.median(base)
 
 
 def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
@@ -91,12 +105,12 @@ def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
         dist = euclidean_distance_matrix(emb)
         (mdr_loss(dist, mdr.running_mean, mdr.running_std, mdr.levels) + mdr.penalty()).backward()
 
-    t = interleaved({"triplet": loss_only, "triplet+mdr": loss_and_mdr,
-                     "triplet+mdr_unshared": lambda: loss_and_mdr(shared=False), "mdr": mdr_only,
-                     "mdr_autograd": mdr_autograd}, repeats, warmup)
-    return {**{f"{k}_ms": 1000 * v for k, v in t.items()},
-            "mdr_added_fraction": (t["triplet+mdr"] - t["triplet"]) / t["triplet"],
-            "mdr_unshared_added_fraction": (t["triplet+mdr_unshared"] - t["triplet"]) / t["triplet"]}
+    raw = interleaved_times({"triplet": loss_only, "triplet+mdr": loss_and_mdr,
+                             "triplet+mdr_unshared": lambda: loss_and_mdr(shared=False), "mdr": mdr_only,
+                             "mdr_autograd": mdr_autograd}, repeats, warmup)
+    return {**{f"{k}_ms": 1000 * statistics.median(v) for k, v in raw.items()},
+            "mdr_added_fraction": added_fraction(raw["triplet"], raw["triplet+mdr"]),
+            "mdr_unshared_added_fraction": added_fraction(raw["triplet"], raw["triplet+mdr_unshared"])}
 
 
 def scale_by_mean_distance_pairwise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
