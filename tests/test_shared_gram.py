@@ -93,3 +93,34 @@ def test_one_product_serves_scaling_miner_and_mdr_in_a_block() -> None:
     for got, expected in zip(results[True][0], results[False][0]):
         assert torch.equal(got, expected)  # the same draws from the same probabilities
     torch.testing.assert_close(results[True][1], results[False][1])
+
+
+def test_trainer_steps_hand_mdr_the_product_the_head_recorded(tmp_path, monkeypatch) -> None:
+    """MDR's recipe through the trainer: inside every step MDR finds its batch's product already shared."""
+    from dmlgen.engine.config import config_from_dict
+    from dmlgen.engine.trainer import Trainer
+    from dmlgen.losses import distances
+
+    found: list[bool] = []
+    original = MDRRegularizer.forward
+
+    def spy(self, embeddings, labels=None, teacher_embeddings=None):
+        shared = distances._SHARED_GRAMS.get()
+        found.append(shared is not None and distances._gram_key(embeddings.detach()) in shared)
+        return original(self, embeddings, labels, teacher_embeddings)
+
+    monkeypatch.setattr(MDRRegularizer, "forward", spy)
+    cfg = config_from_dict({
+        "name": "tiny-shared-product",
+        "data": {"dataset": "omniglot", "max_classes": 8, "classes_per_batch": 4, "samples_per_class": 4},
+        "model": {"backbone": "convnet4", "embedding_size": 16, "normalize": False, "scale_by_mean_distance": True},
+        "loss": {"name": "triplet_margin",
+                 "params": {"margin": 0.2, "distance": {"name": "lp", "normalize_embeddings": False}},
+                 "miner": {"name": "distance_weighted", "params": {"layout": "all_pos_pairs"}}},
+        "regularizers": [{"name": "mdr", "weight": 0.6}],
+        "optimizer": {"name": "adam", "lr": 0.001},
+        "train": {"epochs": 1, "max_steps_per_epoch": 3, "seed": 0},
+    }, [])
+    cfg.out_dir = str(tmp_path)
+    Trainer(cfg, progress=False).fit()
+    assert len(found) == 3 and all(found)
