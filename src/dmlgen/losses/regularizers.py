@@ -141,8 +141,7 @@ class _MDRFromEmbeddings(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             grad_levels = -scale * level_sums
         if ctx.needs_input_grad[0]:
-            # 2 scale / σ (x W.sum(1) - W x), in the product's buffer: a fresh (N, D) buffer is a page-faulting
-            # allocation that costs several passes.
+            # 2 scale / σ (x W.sum(1) - W x), in the product's buffer (no second (N, D) buffer).
             grad_x = (weights @ x).addcmul_(x, weights.sum(dim=1, keepdim=True), value=-1.0)
             grad_x.mul_(-2.0 * scale / ctx.sigma)
         return grad_x, grad_levels, None, None, None
