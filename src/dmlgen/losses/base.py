@@ -119,7 +119,9 @@ class BaseMetricLoss(torch.nn.Module):
         ref = query if batch.self_ref else dist.maybe_normalize(batch.ref_emb)
         out = []
         for i, j in pairs:
-            values = dist.compute_rows(query[i], ref[j])
+            # index_select: its backward is an index_add, where indexing's accumulating index_put sorts the
+            # indices first (1.6x as long for a miner's 768 triplets at 256 x 512 on one core).
+            values = dist.compute_rows(query.index_select(0, i), ref.index_select(0, j))
             if dist.power != 1:
                 values = values.pow(dist.power)
             if batch.self_ref and not dist.is_inverted:

@@ -67,7 +67,7 @@ class NTXentLoss(BaseMetricLoss):
             return {}
         mat = self.distance(batch.embeddings, batch.ref_or_none)  # (N, M)
         logits = (mat if self.distance.is_inverted else -mat) / self.temperature
-        rows = logits[a]  # (P, M): each positive pair's anchor row
+        rows = logits.index_select(0, a)  # (P, M): each positive pair's anchor row (backward by index_add)
         negatives = neg_mask[a]
         z_pos = logits[a, p]  # (P,)
         neg_max = rows.masked_fill(~negatives, float("-inf")).amax(dim=1)

@@ -80,6 +80,26 @@ def mdr_loss(distances: Tensor, mean: Tensor, std: Tensor, levels: Tensor) -> Te
     return (z.unsqueeze(1) - levels.unsqueeze(0)).abs().amin(dim=1).mean()
 
 
+def _level_sum_coefficients(order: list[int]) -> list[list[float]]:
+    """``A (K, K)`` with ``A @ (Σ sign, Σ sign side_0, ..., Σ sign side_K-2)`` = the per-level sums of sign, in
+    the levels' own order; ``order[r]`` is the level of rank ``r`` (ascending)."""
+    k = len(order)
+
+    def at_least(rank: int) -> list[float]:  # coefficients of the Σ sign over the pairs of rank >= `rank`
+        row = [0.0] * k
+        if rank == 0:
+            row[0] = 1.0
+        elif rank < k:  # [nearest >= rank] = (1 + side_rank-1) / 2
+            row[0] += 0.5
+            row[rank] += 0.5
+        return row
+
+    rows: list[list[float]] = [[]] * k
+    for rank, level in enumerate(order):
+        rows[level] = [a - b for a, b in zip(at_least(rank), at_least(rank + 1))]
+    return rows
+
+
 class _MDRFromEmbeddings(torch.autograd.Function):
     """:func:`mdr_loss` of the embeddings' distance matrix, with the gradient in closed form.
 
@@ -92,16 +112,16 @@ class _MDRFromEmbeddings(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, levels: Tensor, dist: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        n = dist.shape[0]
-        ordered, order = levels.sort()
-        # The K + 2 scalars as Python numbers, in one transfer: a dozen 0-dim tensor ops cost as much as the
-        # (N, N) passes below (benchmarks/regularizer_speed.py).
-        mu, sigma, *levels_sorted = torch.cat(
-            [mean.view(1), std.clamp_min(MDR_SIGMA_FLOOR).view(1), ordered.detach()]).tolist()
+        n, k = dist.shape[0], levels.shape[0]
+        # The K + 2 scalars as Python numbers, in one transfer: the scalar arithmetic below as 0-dim tensor ops
+        # cost about as much as the (N, N) passes (benchmarks/regularizer_speed.py).
+        mu, std_value, *level_values = torch.cat([mean.view(1), std.view(1), levels.detach()]).tolist()
+        sigma = max(std_value, MDR_SIGMA_FLOOR)
+        order = sorted(range(k), key=level_values.__getitem__)
         # Work in distance units: level s_k sits at t_k = mean + σ s_k, so z = (d - mean) / σ is never formed.
         # With the levels sorted, the nearest target is t_0 + Σ_k h_k (1 + sign(d - m_k)) over the midpoints
         # m_k and half-steps h_k: sign passes instead of index tensors and gathers.
-        targets = [mu + sigma * s for s in levels_sorted]
+        targets = [mu + sigma * level_values[i] for i in order]
         midpoints = [(a + b) / 2 for a, b in zip(targets, targets[1:])]
         half_steps = [(b - a) / 2 for a, b in zip(targets, targets[1:])]
         residual = torch.sub(dist, targets[0] + sum(half_steps))  # σ (z - s_nearest), once the sides are in
@@ -112,12 +132,11 @@ class _MDRFromEmbeddings(torch.autograd.Function):
             sides.append(side.view(-1))
         sign = residual.sign().fill_diagonal_(0.0)  # the N self-pairs are not pairs
         flat = sign.view(-1)
-        value = torch.dot(flat, residual.view(-1)) / (sigma * n * (n - 1))  # Σ |residual| over the pairs
-        # Σ sign over the pairs nearest to level k: [nearest >= k] sums minus [nearest >= k+1] sums, where
-        # [nearest >= k+1] = (1 + side_k) / 2.
+        value = torch.dot(flat, residual.view(-1)).mul_(1.0 / (sigma * n * (n - 1)))  # mean |residual| / σ
+        # Σ sign over the pairs nearest to each level: [nearest >= k] sums minus [nearest >= k+1] sums.
         sums = torch.stack([flat.sum()] + [torch.dot(flat, side) for side in sides])
-        at_least = torch.cat([sums[:1], (sums[0] + sums[1:]) / 2, sums.new_zeros(1)])
-        level_sums = torch.empty_like(levels).index_copy_(0, order, (at_least[:-1] - at_least[1:]).to(levels.dtype))
+        coefficients = torch.tensor(_level_sum_coefficients(order), dtype=sums.dtype, device=sums.device)
+        level_sums = coefficients @ sums
         # sign / d where the clamp passes the gradient, else 0. The diagonal's sign is 0 already and its d of 0
         # becomes 1 (dist is this call's scratch copy: the caller is done with it). A pair at the clamp's value
         # (a duplicate) is rare: one min pass finds whether any is there, and only then sign(d - floor), 1 above
@@ -127,7 +146,7 @@ class _MDRFromEmbeddings(torch.autograd.Function):
         if float(dist.amin()) <= floor:
             sign.mul_(torch.sub(dist, floor).sign_())
         weights = sign.div_(dist)
-        ctx.save_for_backward(x, weights, level_sums)
+        ctx.save_for_backward(x, weights, level_sums.to(levels.dtype))
         ctx.sigma = sigma
         return value
 
@@ -136,14 +155,14 @@ class _MDRFromEmbeddings(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None, None]:
         x, weights, level_sums = ctx.saved_tensors
         n = weights.shape[0]
-        scale = grad / (n * (n - 1))
+        per_pair = 1.0 / (n * (n - 1))
         grad_x = grad_levels = None
         if ctx.needs_input_grad[1]:
-            grad_levels = -scale * level_sums
+            grad_levels = level_sums * (grad * -per_pair)
         if ctx.needs_input_grad[0]:
-            # 2 scale / σ (x W.sum(1) - W x), in the product's buffer (no second (N, D) buffer).
+            # 2 grad / (σ P) (x W.sum(1) - W x), in the product's buffer (no second (N, D) buffer).
             grad_x = (weights @ x).addcmul_(x, weights.sum(dim=1, keepdim=True), value=-1.0)
-            grad_x.mul_(-2.0 * scale / ctx.sigma)
+            grad_x.mul_(grad * (-2.0 * per_pair / ctx.sigma))
         return grad_x, grad_levels, None, None, None
 
 
@@ -226,7 +245,8 @@ class MDRRegularizer(Regularizer):
             distances = distance_values(x.detach())
             if self.training:
                 self._update_statistics(distances)
-            if bool(self.initialized):
+                mean, std = self.running_mean, self.running_std
+            elif bool(self.initialized):
                 mean, std = self.running_mean, self.running_std
             else:  # evaluated before any training step: this batch's statistics, not stored
                 mean, std = self.batch_statistics(distances)

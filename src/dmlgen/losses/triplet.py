@@ -99,7 +99,7 @@ class TripletMarginLoss(BaseMetricLoss):
         if a.numel() == 0:
             return {}
         ap = mat[a, p].unsqueeze(1)  # (P, 1)
-        an = mat[a]  # (P, M)
+        an = mat.index_select(0, a)  # (P, M); backward by index_add, not a sorting index_put
         if self.swap:
             an = self.distance.smallest_dist(an, self._rows_from_ref(batch, mat, p))
         values = triplet_margin_values(ap, an, self.distance, self.margin, self.smooth_loss)
