@@ -75,12 +75,17 @@ def added_fraction(base: list[float], more: list[float]) -> float:
     return statistics.median(m - b for b, m in zip(base, more)) / statistics.median(base)
 
 
-def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
-    x, labels = make_batch(0)
+def mdr_recipe_losses() -> tuple[dl.DistanceWeightedMiner, dl.TripletMarginLoss, MDRRegularizer]:
+    """MDR's recipe: DW miner over all positive pairs, triplet margin 0.2 on un-normalised distances, MDR λ 0.6."""
     miner = dl.DistanceWeightedMiner(lower=0.5, upper=1.4, layout="all_pos_pairs",
                                      generator=torch.Generator().manual_seed(0))
     triplet = dl.TripletMarginLoss(margin=0.2, distance={"name": "lp", "normalize_embeddings": False})
-    mdr = MDRRegularizer(weight=0.6)
+    return miner, triplet, MDRRegularizer(weight=0.6)
+
+
+def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
+    x, labels = make_batch(0)
+    miner, triplet, mdr = mdr_recipe_losses()
 
     def loss_only() -> None:
         emb = x.clone().requires_grad_(True)
@@ -124,10 +129,7 @@ def scale_by_mean_distance_pairwise(x: torch.Tensor, eps: float = 1e-12) -> torc
 def recipe_loss_step(repeats: int, warmup: int) -> dict[str, float]:
     """MDR's whole recipe after the backbone: mean-distance scaling, DW miner, triplet, MDR (256 x 512)."""
     features, labels = make_batch(0)
-    miner = dl.DistanceWeightedMiner(lower=0.5, upper=1.4, layout="all_pos_pairs",
-                                     generator=torch.Generator().manual_seed(0))
-    triplet = dl.TripletMarginLoss(margin=0.2, distance={"name": "lp", "normalize_embeddings": False})
-    mdr = MDRRegularizer(weight=0.6)
+    miner, triplet, mdr = mdr_recipe_losses()
 
     def step(scale: Callable[[torch.Tensor], torch.Tensor], shared: bool) -> None:
         f = features.clone().requires_grad_(True)

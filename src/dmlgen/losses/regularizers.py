@@ -94,7 +94,7 @@ def _level_sum_coefficients(order: list[int]) -> list[list[float]]:
             row[rank] += 0.5
         return row
 
-    rows: list[list[float]] = [[]] * k
+    rows: list[list[float]] = [[] for _ in range(k)]
     for rank, level in enumerate(order):
         rows[level] = [a - b for a, b in zip(at_least(rank), at_least(rank + 1))]
     return rows
