@@ -9,6 +9,7 @@ import json
 import math
 import sqlite3
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -425,6 +426,21 @@ def test_paired_t_test_against_closed_forms() -> None:
         assert got["mean_diff"] == pytest.approx(md) and got["diff_ci95"] == pytest.approx(
             T975[n - 1] * sd / math.sqrt(n), rel=1e-4)
         assert got["wilcoxon"] is None and "at least 6 seeds" in got["note"]
+
+
+def test_paired_t_test_calls_differences_that_differ_only_by_rounding_constant() -> None:
+    # x = y + 0.1 in floating point: the differences spread by 2.8e-17, where scipy returned t ~ 8.8e15, p ~ 0
+    # (and a precision-loss warning) for what is one constant difference.
+    y = [0.6369616873214543, 0.2697867137638703, 0.04097352393619469]
+    x = [v + 0.1 for v in y]
+    assert max(a - b for a, b in zip(x, y)) != min(a - b for a, b in zip(x, y))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = paired_tests(x, y)
+    assert got["t_test"] is None and "same for every seed" in got["note"]
+    assert got["mean_diff"] == pytest.approx(0.1)
+    real = paired_tests([0.70, 0.37, 0.14], [0.64, 0.27, 0.04])  # differences 0.06, 0.10, 0.10: a real spread
+    assert real["t_test"] is not None and real["t_test"]["statistic"] == pytest.approx(6.5, rel=1e-6)
 
 
 def exact_wilcoxon_p(d: list[float]) -> float:

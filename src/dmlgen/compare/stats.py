@@ -40,6 +40,10 @@ def mean_ci(values: Sequence[float], confidence: float = 0.95) -> dict[str, Any]
     return {"n": n, "mean": mean, "std": std, "ci95": half, "low": mean - half, "high": mean + half}
 
 
+#: Differences whose spread is below this fraction of the values' magnitude are rounding, i.e. constant.
+CONSTANT_DIFF_RTOL = 1e-12
+
+
 def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(float(value)) else None
 
@@ -63,8 +67,9 @@ def paired_tests(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
     notes = []
     if n < 2:
         notes.append("one seed: no test")
-    elif np.ptp(diff) == 0:
-        # ttest_rel divides by the standard deviation of the differences: undefined when they are constant.
+    elif np.ptp(diff) <= CONSTANT_DIFF_RTOL * max(float(np.abs(x).max()), float(np.abs(y).max())):
+        # ttest_rel divides by the standard deviation of the differences: undefined when they are constant, and
+        # when they differ only by rounding (x - y of values 0.1 apart) it returns |t| ~ 1e16, p ~ 0.
         notes.append("the differences are the same for every seed: the t-test is undefined")
     else:
         res = stats.ttest_rel(x, y)
