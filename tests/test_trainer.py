@@ -164,6 +164,37 @@ def test_resume_mid_epoch_is_exact(tmp_path: Path, straight: Path, monkeypatch: 
     assert_same_run(straight, tmp_path)
 
 
+def test_periodic_checkpoint_resumes_a_crash_exactly(tmp_path: Path, straight: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.checkpoint_every_steps: a crash (no chance to save) loses only the steps since the last save."""
+    original = Trainer._train_step
+    saved_steps: list[int] = []
+    save_last = Trainer.save_last
+
+    def crash_at_step_5(self: Trainer, images: torch.Tensor, labels: torch.Tensor) -> float:
+        if self.state.global_step == 4:
+            raise RuntimeError("simulated crash")
+        return original(self, images, labels)
+
+    def recording_save(self: Trainer) -> Path:
+        saved_steps.append(self.state.global_step)
+        return save_last(self)
+
+    monkeypatch.setattr(Trainer, "_train_step", crash_at_step_5)
+    monkeypatch.setattr(Trainer, "save_last", recording_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(tmp_path, *AUGMENT, "train.checkpoint_every_steps=2")
+    # Step 2 (mid-epoch), step 3 (the epoch end, not twice), step 4 (mid-epoch); step 5 crashed.
+    assert saved_steps == [2, 3, 4]
+    saved = load_checkpoint(tmp_path / LAST)
+    assert (saved["epoch"], saved["step_in_epoch"], saved["global_step"]) == (1, 1, 4)
+    monkeypatch.undo()
+    run(tmp_path, *AUGMENT, "train.checkpoint_every_steps=2", resume=True)
+    assert_same_run(straight, tmp_path)
+    with pytest.raises(ConfigError, match="train.checkpoint_every_steps: must be > 0"):
+        tiny(tmp_path, "train.checkpoint_every_steps=0")
+
+
 def test_resume_detects_a_broken_replay(tmp_path: Path, straight: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The equality check is sharp: resuming one step too late gives different weights."""
     interrupt_at(monkeypatch, 5)

@@ -247,12 +247,16 @@ class TrainConfig:
     device: str = "auto"
     deterministic: bool = False
     log_every: int = 10
+    # Also write last.ckpt every this many steps inside an epoch (None: at epoch ends and on a stop only), so a
+    # crash or a killed job loses at most that many steps.
+    checkpoint_every_steps: int | None = None
 
     def validate(self) -> None:
         _positive("train.epochs", self.epochs)
         _positive("train.max_steps_per_epoch", self.max_steps_per_epoch)
         _positive("train.grad_clip_norm", self.grad_clip_norm)
         _positive("train.log_every", self.log_every)
+        _positive("train.checkpoint_every_steps", self.checkpoint_every_steps)
 
 
 @dataclass

@@ -83,6 +83,7 @@ RESUME_MAY_CHANGE = (
     "train.epochs",
     "train.device",
     "train.log_every",
+    "train.checkpoint_every_steps",
     "data.num_workers",
     "eval.batch_size",
     "eval.test_metrics",
@@ -679,6 +680,9 @@ class Trainer:
                 bar.set_postfix(loss=f"{value:.4f}")
                 bar.update(1)
                 self._check_stop()
+                every = cfg.train.checkpoint_every_steps
+                if every and state.global_step % every == 0 and state.step_in_epoch < self.steps_per_epoch:
+                    self.save_last()  # the state a stop would save here; the epoch's last step saves at its end
         finally:
             state.epoch_seconds += time.perf_counter() - start
             bar.close()
