@@ -19,6 +19,7 @@ from typing import Any
 
 import dmlgen
 from dmlgen.errors import ConfigError, DataError, DmlgenError
+from dmlgen.engine.allocator import tune_glibc_malloc
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -649,6 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("error: a command is required; see dmlgen --help", file=sys.stderr)
         return 2
+    tune_glibc_malloc()  # freed buffers stay in the process: ~30% of a CPU training run was page faults
     try:
         return int(handler(args))
     except DmlgenError as exc:
