@@ -650,7 +650,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print("error: a command is required; see dmlgen --help", file=sys.stderr)
         return 2
-    tune_glibc_malloc()  # freed buffers stay in the process: ~30% of a CPU training run was page faults
+    tune_glibc_malloc()  # freed buffers stay in the process instead of page-faulting back every step
     try:
         return int(handler(args))
     except DmlgenError as exc:

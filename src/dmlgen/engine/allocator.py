@@ -3,8 +3,8 @@
 A training step allocates and frees buffers of 0.25–2 MB (distance matrices, a miner's float64 weights, their
 gradients); PyTorch's CPU allocator does not cache them, and glibc's defaults return such blocks to the kernel
 (``mmap``/``munmap``, or trimming the heap top), so the next step page-faults them in again. On the 2-core VM of
-docs/benchmarks.md that was ~40% of the triplet + distance-weighted loss step and ~30% of a whole Omniglot
-training run. Raising the thresholds keeps up to ~200 MB of freed memory for reuse.
+docs/benchmarks.md, keeping them made MDR's recipe loss step take 0.76x as long and a short Omniglot run 5% less.
+The settings keep up to ~200 MB of freed memory for reuse.
 """
 
 from __future__ import annotations
