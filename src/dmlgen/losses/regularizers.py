@@ -245,8 +245,7 @@ class MDRRegularizer(Regularizer):
             distances = distance_values(x.detach())
             if self.training:
                 self._update_statistics(distances)
-                mean, std = self.running_mean, self.running_std
-            elif bool(self.initialized):
+            if self.training or bool(self.initialized):  # training has just initialised them
                 mean, std = self.running_mean, self.running_std
             else:  # evaluated before any training step: this batch's statistics, not stored
                 mean, std = self.batch_statistics(distances)
