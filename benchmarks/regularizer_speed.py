@@ -1,8 +1,11 @@
 """Regularizer overhead (issue 5): what MDR adds to the loss step, and what LSD costs per training step.
 
-MDR: forward + backward of the triplet loss with its distance-weighted miner (MDR's recipe: margin 0.2,
-Euclidean distance of the un-normalised embeddings, ``all_pos_pairs``) alone, against the same plus MDR, at
-batch 256 (64 classes x 4) x 512-d fp32. Target: MDR adds at most 20% to the loss step.
+MDR, at batch 256 (64 classes x 4) x 512-d fp32, forward + backward of the loss step with and without MDR.
+The target row is MDR's recipe (methods.md §3.2-3.3), whose "Triplet" baseline is the same step with λ = 0:
+the head's mean-distance scaling ("learning without L2 norm"), the distance-weighted miner (``all_pos_pairs``)
+and the triplet loss (margin 0.2, Euclidean distance of the scaled, un-normalised embeddings). Target: MDR adds
+at most 20% to it. Also shown: the same outside a step block (nothing shared), and the miner and triplet loss
+on unscaled embeddings, where MDR has no distance matrix to share and runs its own backward product.
 
 LSD: one full training step (student forward, multi-similarity loss + miner, backward, Adam step) with and
 without LSD, against the bare teacher forward (the epoch snapshot in eval mode, no gradients) that LSD needs
@@ -10,16 +13,17 @@ on the same batch, and the LSD loss alone (forward + backward on fixed embedding
 forward" near 1 means LSD costs the teacher forward and nothing more.
 Backbones: convnet4 at 28 px (the Omniglot configs, batch 128) and resnet18 at 112 px (batch 64).
 
-The losses run inside ``shared_gram_matrices()`` as the trainer runs every step (one batch-by-batch product for
-the miner and MDR); "no shared product" is the same step outside it. The recipe table adds the head's
-mean-distance scaling, also against its former (N, N, D) formulation.
+The losses run inside ``shared_gram_matrices()`` as the trainer runs every step: one batch-by-batch product
+for the scaling, the miner and MDR, and one distance matrix whose backward product serves the scaling and MDR.
+The last table times the recipe's whole loss step, also with the scaling's former (N, N, D) formulation.
 
 Both variants of each comparison run interleaved in one process (the order alternates every repeat); each time
 cell is the median over ``--repeats`` timed calls after ``--warmup`` untimed ones. "MDR adds" is the median of
 the per-repeat differences over the median loss step, which a shared machine's drift moves less than a
 difference of two medians.
 
-Run:  .venv/bin/python benchmarks/regularizer_speed.py [--repeats 50] [--threads 1] [--parts mdr lsd] [--json out.json]
+Run:  .venv/bin/python benchmarks/regularizer_speed.py [--repeats 50] [--threads 1] [--parts mdr lsd] [--tuned-malloc]
+      [--json out.json]
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loss_speed import make_batch  # noqa: E402
 
 import dmlgen.losses as dl  # noqa: E402
+from dmlgen.engine.allocator import tune_glibc_malloc  # noqa: E402
 from dmlgen.engine.config import ModelConfig  # noqa: E402
 from dmlgen.engine.setup import build_model_from_config  # noqa: E402
 from dmlgen.engine.teacher import EpochSnapshotTeacher  # noqa: E402
@@ -84,38 +89,38 @@ def mdr_recipe_losses() -> tuple[dl.DistanceWeightedMiner, dl.TripletMarginLoss,
 
 
 def mdr_overhead(repeats: int, warmup: int) -> dict[str, float]:
-    x, labels = make_batch(0)
+    features, labels = make_batch(0)
     miner, triplet, mdr = mdr_recipe_losses()
 
-    def loss_only() -> None:
-        emb = x.clone().requires_grad_(True)
-        with shared_gram_matrices():  # as the trainer runs every step
+    def step(scaled: bool, with_mdr: bool, shared: bool = True) -> None:
+        f = features.clone().requires_grad_(True)
+        with shared_gram_matrices() if shared else contextlib.nullcontext():  # the trainer opens one per step
+            emb = scale_by_mean_distance(f) if scaled else f
             total = triplet(emb, labels, miner(emb, labels))
-        total.backward()
-
-    def loss_and_mdr(shared: bool = True) -> None:
-        emb = x.clone().requires_grad_(True)
-        with shared_gram_matrices() if shared else contextlib.nullcontext():
-            total = triplet(emb, labels, miner(emb, labels)) + mdr.weight * mdr(emb, labels) + mdr.penalty()
+            if with_mdr:
+                total = total + mdr.weight * mdr(emb, labels) + mdr.penalty()
         total.backward()
 
     def mdr_only() -> None:
-        emb = x.clone().requires_grad_(True)
+        emb = features.clone().requires_grad_(True)
         (mdr(emb, labels) + mdr.penalty()).backward()
 
     def mdr_autograd() -> None:
         # The same value through the functional core and autograd (what the module computed before its closed
         # form): the module's speed-up, measured in the same run.
-        emb = x.clone().requires_grad_(True)
+        emb = features.clone().requires_grad_(True)
         dist = euclidean_distance_matrix(emb)
         (mdr_loss(dist, mdr.running_mean, mdr.running_std, mdr.levels) + mdr.penalty()).backward()
 
-    raw = interleaved_times({"triplet": loss_only, "triplet+mdr": loss_and_mdr,
-                             "triplet+mdr_unshared": lambda: loss_and_mdr(shared=False), "mdr": mdr_only,
-                             "mdr_autograd": mdr_autograd}, repeats, warmup)
+    raw = interleaved_times({
+        "recipe": lambda: step(True, False), "recipe+mdr": lambda: step(True, True),
+        "recipe+mdr_unshared": lambda: step(True, True, shared=False),
+        "triplet": lambda: step(False, False), "triplet+mdr": lambda: step(False, True),
+        "mdr": mdr_only, "mdr_autograd": mdr_autograd}, repeats, warmup)
     return {**{f"{k}_ms": 1000 * statistics.median(v) for k, v in raw.items()},
-            "mdr_added_fraction": added_fraction(raw["triplet"], raw["triplet+mdr"]),
-            "mdr_unshared_added_fraction": added_fraction(raw["triplet"], raw["triplet+mdr_unshared"])}
+            "recipe_added_fraction": added_fraction(raw["recipe"], raw["recipe+mdr"]),
+            "recipe_unshared_added_fraction": added_fraction(raw["recipe"], raw["recipe+mdr_unshared"]),
+            "triplet_added_fraction": added_fraction(raw["triplet"], raw["triplet+mdr"])}
 
 
 def scale_by_mean_distance_pairwise(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -190,22 +195,30 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--tuned-malloc", action="store_true",
+                        help="apply the allocator settings the dmlgen command uses (engine/allocator.py) first")
     parser.add_argument("--parts", nargs="+", choices=["mdr", "lsd"], default=["mdr", "lsd"],
                         help="which comparisons to run (default: both)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.tuned_malloc and not tune_glibc_malloc():
+        parser.error("--tuned-malloc: the allocator settings could not be applied (not glibc, or opted out)")
 
-    results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__}
+    results: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__, "tuned_malloc": args.tuned_malloc}
     if "mdr" in args.parts:
         results["mdr"] = mdr_overhead(args.repeats, args.warmup)
         m = results["mdr"]
         print(f"MDR at 256 x 512, {args.threads} thread(s), median of {args.repeats}")
-        print("| triplet + DW miner (ms) | + MDR (ms) | MDR adds | target | + MDR, no shared product (ms) | adds | "
-              "MDR alone (ms) | MDR by autograd (ms) |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| {m['triplet_ms']:.2f} | {m['triplet+mdr_ms']:.2f} | {100 * m['mdr_added_fraction']:+.1f}% | <= 20% | "
-              f"{m['triplet+mdr_unshared_ms']:.2f} | {100 * m['mdr_unshared_added_fraction']:+.1f}% | "
-              f"{m['mdr_ms']:.2f} | {m['mdr_autograd_ms']:.2f} |")
+        print("| loss step | without MDR (ms) | with MDR (ms) | MDR adds | target |")
+        print("|---|---:|---:|---:|---:|")
+        print(f"| recipe: scaling + DW miner + triplet | {m['recipe_ms']:.2f} | {m['recipe+mdr_ms']:.2f} | "
+              f"{100 * m['recipe_added_fraction']:+.1f}% | <= 20% |")
+        print(f"| recipe, no step block (nothing shared) | {m['recipe_ms']:.2f} | {m['recipe+mdr_unshared_ms']:.2f} | "
+              f"{100 * m['recipe_unshared_added_fraction']:+.1f}% | |")
+        print(f"| unscaled embeddings: DW miner + triplet | {m['triplet_ms']:.2f} | {m['triplet+mdr_ms']:.2f} | "
+              f"{100 * m['triplet_added_fraction']:+.1f}% | |")
+        print(f"\nMDR alone (forward + backward): {m['mdr_ms']:.2f} ms; by autograd through mdr_loss: "
+              f"{m['mdr_autograd_ms']:.2f} ms")
         results["recipe"] = r = recipe_loss_step(args.repeats, args.warmup)
         print("\nMDR's recipe after the backbone: mean-distance scaling + DW miner + triplet + MDR, 256 x 512")
         print("| shared product (ms) | no shared product (ms) | with the old (N, N, D) scaling (ms) |")

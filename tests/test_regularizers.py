@@ -5,6 +5,7 @@ The oracles below are written from the formulas, loop by loop, in float64; they 
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -13,7 +14,7 @@ import torch
 
 from dmlgen.errors import ConfigError
 from dmlgen.engine.teacher import EpochSnapshotTeacher
-from dmlgen.losses.distances import euclidean_distance_matrix
+from dmlgen.losses.distances import euclidean_distance_matrix, shared_distance_matrix, shared_gram_matrices
 from dmlgen.losses.regularizers import (
     ListwiseSelfDistillation,
     MDRRegularizer,
@@ -169,6 +170,13 @@ def test_mdr_buffers_frozen_in_eval_and_state_dict_round_trip() -> None:
     assert set(reg.state_dict()) == {"levels", "running_mean", "running_std", "initialized"}
 
 
+def _mdr_on_shared_matrix(reg: MDRRegularizer, x: torch.Tensor) -> torch.Tensor:
+    """``reg(x)`` inside a step block in which ``x``'s distance matrix was built first (MDR's shared path)."""
+    with shared_gram_matrices():
+        euclidean_distance_matrix(x)
+        return reg(x)
+
+
 def test_mdr_gradients_of_levels_and_embeddings() -> None:
     reg = MDRRegularizer(level_penalty=0.01).double()
     x = torch.randn(10, 6, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
@@ -176,6 +184,7 @@ def test_mdr_gradients_of_levels_and_embeddings() -> None:
     reg.eval()
     x.requires_grad_(True)
     assert torch.autograd.gradcheck(lambda e: reg(e), (x,))
+    assert torch.autograd.gradcheck(lambda e: _mdr_on_shared_matrix(reg, e), (x,))
     # ∂L/∂s_k = -(1/P) Σ_{pairs at k} sign(z - s_k) + 2 ν s_k (methods.md §3.1, step 9; λ applied outside)
     loss = reg(x.detach()) + reg.penalty()
     loss.backward()
@@ -194,10 +203,12 @@ def test_mdr_gradients_of_levels_and_embeddings() -> None:
 @pytest.mark.parametrize("levels", [[-2.0, 0.0, 1.0, 3.0], [1.0, -2.0, 3.0, 0.0], [0.5]], ids=["sorted", "unsorted", "one"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("with_duplicate", [True, False])
+@pytest.mark.parametrize("shared", [False, True], ids=["own-matrix", "shared-matrix"])
 def test_mdr_closed_form_backward_matches_autograd_of_mdr_loss(dtype: torch.dtype, levels: list[float],
-                                                               with_duplicate: bool) -> None:
+                                                               with_duplicate: bool, shared: bool) -> None:
     """The module's closed-form forward and backward against autograd through the functional core on the
-    distance matrix (levels in any order: the module sorts them internally)."""
+    distance matrix (levels in any order: the module sorts them internally). ``shared``: inside a step block
+    where another consumer built the batch's distance matrix, so MDR hands its gradient to that matrix."""
     g = torch.Generator().manual_seed(11)
     for trial in range(3):
         x = torch.randn(48, 16, generator=g, dtype=dtype)
@@ -207,7 +218,11 @@ def test_mdr_closed_form_backward_matches_autograd_of_mdr_loss(dtype: torch.dtyp
         if trial:
             reg(x)  # running statistics that differ from the batch's
         emb = x.clone().requires_grad_(True)
-        value = reg(emb)
+        with shared_gram_matrices() if shared else contextlib.nullcontext():
+            if shared:
+                other_consumer = euclidean_distance_matrix(emb)
+                assert shared_distance_matrix(emb) is other_consumer
+            value = reg(emb)
         value.backward()
         ref_x = x.clone().requires_grad_(True)
         ref_levels = reg.levels.detach().clone().requires_grad_(True)

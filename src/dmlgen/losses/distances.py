@@ -29,25 +29,39 @@ from ._checks import build_from_spec, check_bool, check_number
 SQ_DIST_EPS = 1e-12
 
 
-_SHARED_GRAMS: ContextVar[dict[tuple[Any, ...], tuple[Tensor, Tensor]] | None] = ContextVar(
-    "dmlgen_shared_grams", default=None
-)
+class _StepShare:
+    """What one :func:`shared_gram_matrices` block shares: Gram matrices (values), differentiable distance
+    matrices and the scaled-batch relations that derive both."""
+
+    def __init__(self) -> None:
+        self.grams: dict[tuple[Any, ...], tuple[Tensor, Tensor]] = {}
+        # id(x) -> (x, x's version, its distance matrix, the matrix's version when stored)
+        self.distances: dict[int, tuple[Tensor, int, Tensor, int]] = {}
+        # id(scaled) -> (scaled, scaled's version, source, factor): scaled = source * factor
+        self.scaled: dict[int, tuple[Tensor, int, Tensor, Tensor]] = {}
+
+
+_SHARED: ContextVar[_StepShare | None] = ContextVar("dmlgen_step_share", default=None)
 
 
 @contextmanager
 def shared_gram_matrices() -> Iterator[None]:
-    """Within the block, :func:`gram_matrix` multiplies a given tensor by itself once.
+    """Within the block, a batch is multiplied by itself once, and a differentiable distance matrix of it
+    is computed once for whoever asks for it after the first.
 
     A training step's miner, loss, regularizers and the head's mean-distance scaling each compare the same
-    batch with itself; in MDR's recipe that is three ``(N, D) x (D, N)`` products of one batch, a large share
-    of the loss step (benchmarks/regularizer_speed.py). The trainer opens one block per step; the matrices are
-    dropped when it closes. Outside a block nothing is kept.
+    batch with itself; in MDR's recipe that is three ``(N, D) x (D, N)`` products of one batch in the forward
+    pass and two in the backward (the scaling's and MDR's), a large share of the loss step
+    (benchmarks/regularizer_speed.py). Inside the block :func:`gram_matrix` computes each product once, and
+    :func:`shared_distance_matrix` hands out the graph node of an earlier :func:`euclidean_distance_matrix`,
+    so autograd sums the consumers' gradients there and runs one backward product. The trainer opens one
+    block per step; everything is dropped when it closes. Outside a block nothing is kept.
     """
-    token = _SHARED_GRAMS.set({})
+    token = _SHARED.set(_StepShare())
     try:
         yield
     finally:
-        _SHARED_GRAMS.reset(token)
+        _SHARED.reset(token)
 
 
 def _gram_key(x: Tensor) -> tuple[Any, ...]:
@@ -62,25 +76,63 @@ def gram_matrix(x: Tensor) -> Tensor:
     once per tensor (the same storage, shape, strides, dtype and in-place version). Do not modify the result.
     """
     x = x.detach()
-    cache = _SHARED_GRAMS.get()
-    if cache is None:
+    share = _SHARED.get()
+    if share is None:
         return x @ x.transpose(0, 1)
     key = _gram_key(x)
-    entry = cache.get(key)
+    entry = share.grams.get(key)
     if entry is None:
-        entry = cache[key] = (x, x @ x.transpose(0, 1))
+        entry = share.grams[key] = (x, x @ x.transpose(0, 1))
     return entry[1]
 
 
-def share_scaled_gram(scaled: Tensor, source: Tensor, factor: Tensor) -> None:
-    """Inside :func:`shared_gram_matrices`: ``scaled`` is ``source * factor`` (``factor`` a scalar), so its Gram
-    matrix is ``factor² gram_matrix(source)``, one pass instead of a product. Outside a block: nothing."""
-    cache = _SHARED_GRAMS.get()
-    if cache is None:
+def share_scaled_batch(scaled: Tensor, source: Tensor, factor: Tensor) -> None:
+    """Inside :func:`shared_gram_matrices`: ``scaled`` is ``source * factor`` (``factor`` a positive 0-dim
+    tensor, differentiable or not). Its Gram matrix is then ``factor² gram_matrix(source)``, one pass instead
+    of a product, and its distance matrix ``factor`` times the source's (:func:`shared_distance_matrix`), with
+    the gradient through both. Outside a block: nothing."""
+    share = _SHARED.get()
+    if share is None:
         return
-    scaled = scaled.detach()
-    factor = factor.detach()
-    cache[_gram_key(scaled)] = (scaled, gram_matrix(source).mul(factor * factor))
+    detached = scaled.detach()
+    share.grams[_gram_key(detached)] = (detached, gram_matrix(source).mul(factor.detach().square()))
+    share.scaled[id(scaled)] = (scaled, scaled._version, source, factor)
+
+
+def _record_distances(x: Tensor, dist: Tensor) -> None:
+    share = _SHARED.get()
+    if share is not None and dist.requires_grad:
+        share.distances[id(x)] = (x, x._version, dist, dist._version)
+
+
+def shared_distance_matrix(x: Tensor) -> Tensor | None:
+    """Inside :func:`shared_gram_matrices`: the differentiable ``euclidean_distance_matrix(x)`` ``(N, N)``
+    that this step has already built for this very tensor (its graph node, so gradients from every consumer
+    meet in one backward product), or one derived from a :func:`share_scaled_batch` relation; ``None`` when
+    there is none (then build your own). Only matrices with a graph are shared; do not modify the result.
+    """
+    share = _SHARED.get()
+    if share is None:
+        return None
+    entry = share.distances.get(id(x))
+    if entry is not None:
+        tensor, version, dist, dist_version = entry
+        # The same tensor, not written in place since (neither it nor, by a consumer, its matrix).
+        if tensor is x and x._version == version and dist._version == dist_version:
+            return dist
+        return None
+    relation = share.scaled.get(id(x))
+    if relation is None:
+        return None
+    scaled, version, source, factor = relation
+    if scaled is not x or x._version != version:
+        return None
+    source_dist = shared_distance_matrix(source)
+    if source_dist is None or source_dist.dtype != x.dtype:
+        return None
+    dist = source_dist * factor
+    _record_distances(x, dist)
+    return dist
 
 
 def _squared_distances(query: Tensor, ref: Tensor | None, normalize: bool) -> Tensor:
@@ -169,9 +221,13 @@ def euclidean_distance_matrix(query: Tensor, ref: Tensor | None = None) -> Tenso
     """Non-squared Euclidean distances ``(N, M)`` between rows of ``query (N, D)`` and ``ref (M, D)``.
 
     ``sqrt(max(|q|^2 + |r|^2 - 2 q.r, 1e-12))``; ``ref=None`` compares ``query`` with itself and sets the
-    diagonal to exactly 0. Entries at the clamp (duplicates) and the diagonal get a zero gradient.
+    diagonal to exactly 0. Entries at the clamp (duplicates) and the diagonal get a zero gradient. Inside
+    :func:`shared_gram_matrices` a self-comparison with a graph is recorded for :func:`shared_distance_matrix`.
     """
-    return _EuclideanDistanceMatrix.apply(query, ref)
+    dist = _EuclideanDistanceMatrix.apply(query, ref)
+    if ref is None:
+        _record_distances(query, dist)
+    return dist
 
 
 def euclidean_distance_rows(x: Tensor, y: Tensor) -> Tensor:

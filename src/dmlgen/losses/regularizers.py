@@ -23,7 +23,7 @@ from dmlgen.errors import ConfigError
 
 from ._checks import build_named, check_bool, check_number
 from .batch import full_precision
-from .distances import clamped_distance, distance_values
+from .distances import clamped_distance, distance_values, shared_distance_matrix
 
 #: Floor of the running standard deviation of distances (methods.md §3.1, step 3).
 MDR_SIGMA_FLOOR = 1e-6
@@ -100,43 +100,77 @@ def _level_sum_coefficients(order: list[int]) -> list[list[float]]:
     return rows
 
 
+def _mdr_signs(dist: Tensor, levels: Tensor, mean: Tensor, std: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor, float]:
+    """The value of :func:`mdr_loss` on ``dist (N, N)`` (read only) and what its gradient needs.
+
+    Returns ``(value, sign, level_sums, σ)``: ``sign (N, N)`` of ``r_ij = z_ij - s_k*`` (``k*`` the nearest
+    level), 0 on the diagonal; ``level_sums (K,)`` the sums of ``sign`` over the pairs nearest to each level.
+    Then with ``P = N(N-1)`` ordered pairs, ``dL/dd_ij = sign_ij / (σ P)`` and ``dL/ds_k = -level_sums_k / P``.
+    """
+    n, k = dist.shape[0], levels.shape[0]
+    # The K + 2 scalars as Python numbers, in one transfer: the scalar arithmetic below as 0-dim tensor ops
+    # cost about as much as the (N, N) passes (benchmarks/regularizer_speed.py).
+    mu, std_value, *level_values = torch.cat([mean.view(1), std.view(1), levels.detach()]).tolist()
+    sigma = max(std_value, MDR_SIGMA_FLOOR)
+    order = sorted(range(k), key=level_values.__getitem__)
+    # Work in distance units: level s_k sits at t_k = mean + σ s_k, so z = (d - mean) / σ is never formed.
+    # With the levels sorted, the nearest target is t_0 + Σ_k h_k (1 + sign(d - m_k)) over the midpoints
+    # m_k and half-steps h_k: sign passes instead of index tensors and gathers.
+    targets = [mu + sigma * level_values[i] for i in order]
+    midpoints = [(a + b) / 2 for a, b in zip(targets, targets[1:])]
+    half_steps = [(b - a) / 2 for a, b in zip(targets, targets[1:])]
+    residual = torch.sub(dist, targets[0] + sum(half_steps))  # σ (z - s_nearest), once the sides are in
+    sides = []  # sign(d - m_k), (N, N) each
+    for midpoint, half_step in zip(midpoints, half_steps):
+        side = torch.sub(dist, midpoint).sign_()
+        residual.sub_(side, alpha=half_step)
+        sides.append(side.view(-1))
+    sign = residual.sign().fill_diagonal_(0.0)  # the N self-pairs are not pairs
+    flat = sign.view(-1)
+    value = torch.dot(flat, residual.view(-1)).mul_(1.0 / (sigma * n * (n - 1)))  # mean |residual| / σ
+    # Σ sign over the pairs nearest to each level: [nearest >= k] sums minus [nearest >= k+1] sums.
+    sums = torch.stack([flat.sum()] + [torch.dot(flat, side) for side in sides])
+    coefficients = torch.tensor(_level_sum_coefficients(order), dtype=sums.dtype, device=sums.device)
+    return value, sign, (coefficients @ sums).to(levels.dtype), sigma
+
+
+class _MDRFromDistances(torch.autograd.Function):
+    """:func:`mdr_loss` of a differentiable distance matrix ``(N, N)`` with the closed-form gradient
+    ``sign / (σ P)`` (:func:`_mdr_signs`): one pass, and the distance matrix's own backward (shared with
+    the other consumers of the same matrix) turns it into the embeddings' gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, dist: Tensor, levels: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+        value, sign, level_sums, sigma = _mdr_signs(dist, levels, mean, std)
+        ctx.save_for_backward(sign, level_sums)
+        ctx.sigma = sigma
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None, None]:
+        sign, level_sums = ctx.saved_tensors
+        n = sign.shape[0]
+        per_pair = 1.0 / (n * (n - 1))
+        grad_dist = sign * (grad * (per_pair / ctx.sigma)) if ctx.needs_input_grad[0] else None
+        grad_levels = level_sums * (grad * -per_pair) if ctx.needs_input_grad[1] else None
+        return grad_dist, grad_levels, None, None
+
+
 class _MDRFromEmbeddings(torch.autograd.Function):
     """:func:`mdr_loss` of the embeddings' distance matrix, with the gradient in closed form.
 
-    With ``r_ij = z_ij - s_k*`` (``k*`` the nearest level) and ``P = N(N-1)`` ordered pairs:
-    ``dL/dd_ij = sign(r_ij) / (σ P)`` off the diagonal and ``dL/ds_k = -Σ_{k*=k} sign(r_ij) / P``; through
-    ``d_ij = |x_i - x_j|`` (a symmetric matrix) ``dL/dx = 2 (x W.sum(1) - W x)`` with ``W = dL/dd / d`` where
-    the distance clamp is inactive. Autograd through the gather, the level broadcast and the ``amin`` costs
-    more than the distance matrix itself (benchmarks/regularizer_speed.py).
+    With :func:`_mdr_signs`' ``dL/dd_ij = sign_ij / (σ P)``, through ``d_ij = |x_i - x_j|`` (a symmetric
+    matrix) ``dL/dx = 2 (x W.sum(1) - W x) / (σ P)`` with ``W = sign / d`` where the distance clamp is
+    inactive: one product and a few passes, cheaper than a distance matrix's generic backward when nothing
+    else in the step needs it. Autograd through the gather, the level broadcast and the ``amin`` costs more
+    than the distance matrix itself (benchmarks/regularizer_speed.py).
     """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, levels: Tensor, dist: Tensor, mean: Tensor, std: Tensor) -> Tensor:
-        n, k = dist.shape[0], levels.shape[0]
-        # The K + 2 scalars as Python numbers, in one transfer: the scalar arithmetic below as 0-dim tensor ops
-        # cost about as much as the (N, N) passes (benchmarks/regularizer_speed.py).
-        mu, std_value, *level_values = torch.cat([mean.view(1), std.view(1), levels.detach()]).tolist()
-        sigma = max(std_value, MDR_SIGMA_FLOOR)
-        order = sorted(range(k), key=level_values.__getitem__)
-        # Work in distance units: level s_k sits at t_k = mean + σ s_k, so z = (d - mean) / σ is never formed.
-        # With the levels sorted, the nearest target is t_0 + Σ_k h_k (1 + sign(d - m_k)) over the midpoints
-        # m_k and half-steps h_k: sign passes instead of index tensors and gathers.
-        targets = [mu + sigma * level_values[i] for i in order]
-        midpoints = [(a + b) / 2 for a, b in zip(targets, targets[1:])]
-        half_steps = [(b - a) / 2 for a, b in zip(targets, targets[1:])]
-        residual = torch.sub(dist, targets[0] + sum(half_steps))  # σ (z - s_nearest), once the sides are in
-        sides = []  # sign(d - m_k), (N, N) each
-        for midpoint, half_step in zip(midpoints, half_steps):
-            side = torch.sub(dist, midpoint).sign_()
-            residual.sub_(side, alpha=half_step)
-            sides.append(side.view(-1))
-        sign = residual.sign().fill_diagonal_(0.0)  # the N self-pairs are not pairs
-        flat = sign.view(-1)
-        value = torch.dot(flat, residual.view(-1)).mul_(1.0 / (sigma * n * (n - 1)))  # mean |residual| / σ
-        # Σ sign over the pairs nearest to each level: [nearest >= k] sums minus [nearest >= k+1] sums.
-        sums = torch.stack([flat.sum()] + [torch.dot(flat, side) for side in sides])
-        coefficients = torch.tensor(_level_sum_coefficients(order), dtype=sums.dtype, device=sums.device)
-        level_sums = coefficients @ sums
+        value, sign, level_sums, sigma = _mdr_signs(dist, levels, mean, std)
         # sign / d where the clamp passes the gradient, else 0. The diagonal's sign is 0 already and its d of 0
         # becomes 1 (dist is this call's scratch copy: the caller is done with it). A pair at the clamp's value
         # (a duplicate) is rare: one min pass finds whether any is there, and only then sign(d - floor), 1 above
@@ -146,7 +180,7 @@ class _MDRFromEmbeddings(torch.autograd.Function):
         if float(dist.amin()) <= floor:
             sign.mul_(torch.sub(dist, floor).sign_())
         weights = sign.div_(dist)
-        ctx.save_for_backward(x, weights, level_sums.to(levels.dtype))
+        ctx.save_for_backward(x, weights, level_sums)
         ctx.sigma = sigma
         return value
 
@@ -242,7 +276,10 @@ class MDRRegularizer(Regularizer):
             return embeddings.sum() * 0.0
         with full_precision(embeddings.device):
             x = _at_least_fp32(embeddings)
-            distances = distance_values(x.detach())
+            # The step's distance matrix of this batch when another consumer built one (the head's
+            # mean-distance scaling, a loss on the full matrix): its backward product then serves both.
+            shared = shared_distance_matrix(x)
+            distances = distance_values(x.detach()) if shared is None else shared.detach()
             if self.training:
                 self._update_statistics(distances)
             if self.training or bool(self.initialized):  # training has just initialised them
@@ -250,8 +287,10 @@ class MDRRegularizer(Regularizer):
             else:  # evaluated before any training step: this batch's statistics, not stored
                 mean, std = self.batch_statistics(distances)
             # The values of mdr_loss(euclidean_distance_matrix(x), ...), with a cheaper backward.
-            return _MDRFromEmbeddings.apply(x, self.levels.to(x.dtype), distances, mean.to(x.dtype),
-                                            std.to(x.dtype))
+            levels, mean, std = self.levels.to(x.dtype), mean.to(x.dtype), std.to(x.dtype)
+            if shared is not None:
+                return _MDRFromDistances.apply(shared, levels, mean, std)
+            return _MDRFromEmbeddings.apply(x, levels, distances, mean, std)
 
     def penalty(self) -> Tensor | None:
         if self.level_penalty == 0:

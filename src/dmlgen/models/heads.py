@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dmlgen.errors import ConfigError
-from dmlgen.losses.distances import euclidean_distance_matrix, share_scaled_gram
+from dmlgen.losses.distances import euclidean_distance_matrix, share_scaled_batch
 
 
 def _check_positive(field: str, value: object) -> int:
@@ -91,7 +91,8 @@ def scale_by_mean_distance(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     # backward: the (N, N, D) difference tensor took 150x as long at 256 x 512 (benchmarks/regularizer_speed.py).
     mean_distance = euclidean_distance_matrix(x).sum() / (n * (n - 1))
     scaled = x / (mean_distance + eps)
-    share_scaled_gram(scaled, x, 1.0 / (mean_distance + eps))  # the miner and MDR reuse the product
+    # The miner reuses the product, and MDR this distance matrix (one backward product for the two).
+    share_scaled_batch(scaled, x, 1.0 / (mean_distance + eps))
     return scaled
 
 
