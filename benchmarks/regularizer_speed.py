@@ -221,7 +221,7 @@ def main() -> None:
               f"{m['mdr_autograd_ms']:.2f} ms")
         results["recipe"] = r = recipe_loss_step(args.repeats, args.warmup)
         print("\nMDR's recipe after the backbone: mean-distance scaling + DW miner + triplet + MDR, 256 x 512")
-        print("| shared product (ms) | no shared product (ms) | with the old (N, N, D) scaling (ms) |")
+        print("| in a step block (ms) | no step block (ms) | with the old (N, N, D) scaling (ms) |")
         print("|---:|---:|---:|")
         print(f"| {r['shared_ms']:.2f} | {r['unshared_ms']:.2f} | {r['pairwise_scaling_ms']:.1f} |")
     if "lsd" in args.parts:
